@@ -1,0 +1,51 @@
+"""The backend registry: one module per runtime, each with `lower()` and `load()`.
+
+A backend module is imported only when a target that uses it is built, so a missing optional
+runtime costs nothing until asked for, and then it is one clear message with the install command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from types import ModuleType
+
+from edgecomp.errors import UsageError
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    module: str
+    requires: tuple[str, ...]  # importable modules the runtime needs
+    install: str
+    summary: str
+
+
+BACKENDS: dict[str, BackendInfo] = {
+    "onnxruntime": BackendInfo("edgecomp.backends.onnxruntime", ("onnxruntime",), "pip install 'edgecomp[ort]'",
+                               "ONNX Runtime, CPU execution provider"),
+}
+
+
+def availability(name: str) -> tuple[bool, str]:
+    """(usable here, why not). Checks the import without importing the runtime itself."""
+    info = BACKENDS[name]
+    for mod in info.requires:
+        if importlib.util.find_spec(mod) is None:
+            return False, f"{mod} is not installed: {info.install}"
+    probe = getattr(backend_module(name), "probe", None)
+    return probe() if probe else (True, "")
+
+
+def backend_module(name: str) -> ModuleType:
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    return importlib.import_module(BACKENDS[name].module)
+
+
+def require(name: str) -> ModuleType:
+    ok, why = availability(name)
+    if not ok:
+        raise UsageError(f"backend {name} is unavailable: {why}")
+    return backend_module(name)

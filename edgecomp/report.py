@@ -1,0 +1,138 @@
+"""The build report: `report.json` (schema below, versioned) and `report.md` (for people).
+
+Schema `edgecomp.report/1` (stable keys; new keys may be added, none removed without a bump):
+  schema, edgecomp_version, created (UTC ISO 8601), command (argv), ok (all verdicts passed)
+  model:       name, provenance {format, path|recipe, sha256, ...}, inputs/outputs [{name, dtype, shape}],
+               source_onnx_sha256
+  data:        origin ("recipe:NAME" | "npz:PATH" | "synthetic"), synthetic (bool), note,
+               calibration_samples, validation_samples
+  seeds:       {build, recipe}
+  environment: python, platform, machine, cpu, cores, versions {numpy, onnx, onnxruntime, torch, ...}
+  reference:   kind ("torch-eager" | "onnxruntime-fp32"), runtime {...}, latency {p50_ms, p90_ms, p99_ms, ...}
+  targets[]:   target, backend, description, precision_requested, precision_executed, threads,
+               artifact {folder, size_bytes, files [{name, bytes, sha256}]}, passes [{pass, ...params}],
+               runtime {runtime, version, ...}, load {load_s, rss_added_mb}, peak_rss_mb,
+               parity {samples, outputs {NAME: {max_abs, mean_abs, cosine_mean, cosine_min, sqnr_db,
+                       [top1_agreement, accuracy, reference_accuracy, accuracy_drop]}}},
+               latency {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, runs, warmup, ratio_to_reference},
+               verdict {ok, checks [{metric, value, limit, op, ok}], not_applicable [..]},
+               build_seconds, meta {backend-specific: layout, converter, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgecomp import __version__
+
+SCHEMA = "edgecomp.report/1"
+_VERSIONED = ("numpy", "onnx", "onnxruntime", "torch", "transformers", "optimum", "openvino", "nncf",
+              "tensorflow", "onnx2tf", "ai-edge-litert", "tensorrt")
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+            "cpu": _cpu_name(), "cores": _cores(), "versions": versions}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def new_report(command: list[str]) -> dict[str, Any]:
+    return {"schema": SCHEMA, "edgecomp_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command}
+
+
+def headline(target: dict[str, Any]) -> str:
+    """The one parity figure a person looks at first: top-1 for classifiers, cosine otherwise."""
+    outs = target["parity"]["outputs"]
+    if any("top1_agreement" in m for m in outs.values()):
+        return f"top1 {min(m['top1_agreement'] for m in outs.values()) * 100:.2f}%"
+    cos = min(m["cosine_mean"] for m in outs.values())
+    mx = max(m["max_abs"] for m in outs.values())
+    return f"cos {cos:.4f} / max {mx:.1e}"
+
+
+def summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for t in report["targets"]:
+        lat = t["latency"]
+        rows.append([t["target"], t["precision_executed"], f"{t['artifact']['size_bytes'] / 2**20:.1f} MB", headline(t),
+                     f"{lat['p50_ms']:.2f} ms" if lat else "-",
+                     f"{lat['ratio_to_reference']:.2f}x" if lat else "-", "PASS" if t["verdict"]["ok"] else "FAIL"])
+    return rows
+
+
+SUMMARY_HEADER = ["target", "precision", "size", "parity", "p50", "vs ref", "verdict"]
+
+
+def write(report: dict[str, Any], folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, d, ref = report["model"], report["data"], report["reference"]
+    lines = [f"# edgecomp build: {m['name']}", "",
+             f"- edgecomp {report['edgecomp_version']}, {report['created']}, `{' '.join(report['command'])}`",
+             f"- data: {d['origin']} ({d['calibration_samples']} calibration, {d['validation_samples']} validation samples)",
+             f"- reference: {ref['kind']}, p50 {ref['latency']['p50_ms']:.2f} ms on {ref['runtime']['threads']} threads"
+             if ref.get("latency") else f"- reference: {ref['kind']}",
+             f"- machine: {report['environment']['cpu']} ({report['environment']['cores']} cores)",
+             f"- verdict: **{'PASS' if report['ok'] else 'FAIL'}**", ""]
+    if d["synthetic"]:
+        lines += [f"> **Warning:** {d['note']}", ""]
+    lines += ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
+    for t in report["targets"]:
+        lines += ["", f"## {t['target']}", "", t.get("description", ""), "",
+                  f"- artifact: `{t['artifact']['folder']}` ({t['artifact']['size_bytes']:,} bytes)",
+                  f"- precision requested / executed: {t['precision_requested']} / {t['precision_executed']}",
+                  f"- runtime: {t['runtime']['runtime']} {t['runtime']['version']}, {t['threads']} threads",
+                  f"- passes: {', '.join(p['pass'] for p in t['passes']) or 'none'}"]
+        if t["latency"]:
+            lat = t["latency"]
+            lines.append(f"- latency: p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
+                         f"({lat['runs']} runs), {lat['ratio_to_reference']:.2f}x the reference; load {t['load']['load_s']:.2f} s")
+        lines += ["", "| output | metric | value |", "|---|---|---|"]
+        for name, metrics in t["parity"]["outputs"].items():
+            lines += [f"| {name} | {k} | {v:.6g} |" for k, v in metrics.items()]
+        lines += ["", "| budget | value | limit | ok |", "|---|---|---|---|"]
+        lines += [f"| {c['metric']} | {c['value']:.6g} | {c['op']} {c['limit']:g} | {'yes' if c['ok'] else '**no**'} |"
+                  for c in t["verdict"]["checks"]]
+    return "\n".join(lines) + "\n"
