@@ -25,6 +25,8 @@ _DEBUG = False
 def _quiet_libraries() -> None:
     """Runtimes print banners and advice on import; a compiler's output should be its own."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("USE_TF", "0")  # transformers would otherwise import TensorFlow (seconds)
+    os.environ.setdefault("USE_JAX", "0")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,19 +82,22 @@ def _input_option(f: Any) -> Any:
 @click.option("--samples", type=click.Path(path_type=Path), help="Real inputs (.npz: one array per input, first axis = samples; optional `labels`).")
 @click.option("--recipe", help="Use a recipe's data and task for a model given as a file (e.g. your own MiniLM export).")
 @_input_option
+@click.option("--pass", "pass_specs", multiple=True, metavar="NAME[:KEY=VALUE,...]",
+              help="Build-level pass applied before lowering, shared by all targets (repeatable); see `edgecomp passes`.")
 @click.option("--threads", type=click.IntRange(1, 256), help="Override the profiles' thread count.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice of the build.")
 @click.option("--no-bench", is_flag=True, help="Skip latency measurement (parity only).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow unpickling a full model file: this runs code from the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def build(model: str, targets: tuple[str, ...], out: Path, samples: Path | None, recipe: str | None, inputs: tuple[str, ...],
-          threads: int | None, seed: int, no_bench: bool, trust_remote_code: bool, as_json: bool) -> int:
+          pass_specs: tuple[str, ...], threads: int | None, seed: int, no_bench: bool, trust_remote_code: bool, as_json: bool) -> int:
     """Build MODEL (a file, folder, or recipe name) for each --target, then validate and benchmark it."""
     from edgecomp.load import parse_input_specs
+    from edgecomp.passes import parse_pass_spec
     from edgecomp.pipeline import BuildRequest, build as run_build
 
     req = BuildRequest(model=model, targets=targets, out=out, samples=samples, recipe=recipe,
-                       inputs=parse_input_specs(inputs), threads=threads, seed=seed, trust_remote_code=trust_remote_code,
+                       inputs=parse_input_specs(inputs), passes=tuple(parse_pass_spec(p) for p in pass_specs), threads=threads, seed=seed, trust_remote_code=trust_remote_code,
                        bench=not no_bench, command=["edgecomp", *sys.argv[1:]])
     if as_json:
         report = run_build(req)

@@ -21,6 +21,7 @@ from edgecomp.data import SampleSet, check_against, from_npz, npz_signature, syn
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle, TensorSpec, sha256_file
 from edgecomp.output import atomic_dir, check_destination
+from edgecomp.passes.context import PassContext
 from edgecomp.profile import Profile, load_profile
 
 REFERENCE_SAMPLES = 8  # real inputs + expected outputs shipped beside each artifact
@@ -38,6 +39,7 @@ class BuildRequest:
     threads: int | None = None
     seed: int = 0
     trust_remote_code: bool = False
+    passes: tuple[tuple[str, dict[str, Any]], ...] = ()  # build-level passes (--pass), shared by every target
     bench: bool = True
     command: list[str] = field(default_factory=list)
 
@@ -70,11 +72,21 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda s: None) -
         progress("loading model")
         model, recipe, samples = _load(req, work)
         task = recipe.task if recipe else ("classification" if samples.labels is not None else None)
-        if model.onnx_path is None:
+        reference_model = model  # parity is always against the model as given, before any pass
+        ctx = PassContext(work / "build-passes", samples, req.seed, recipe)
+        for name, params in _split_levels(req.passes, "torch"):
+            progress(f"pass {name}")
+            model = _run_pass(model, name, params, ctx)
+        if model.onnx_path is None:  # torch passes return a handle without a graph: export what they made
             progress("exporting to ONNX")
             from edgecomp.export import export_onnx
 
             model = export_onnx(model, samples.validation[0], work / "source" / "model.onnx")
+        if reference_model.onnx_path is None:
+            reference_model = reference_model.replace(inputs=model.inputs, outputs=model.outputs)
+        for name, params in _split_levels(req.passes, "graph"):
+            progress(f"pass {name}")
+            model = _run_pass(model, name, params, ctx)
         report = rep.new_report(req.command)
         report["model"] = {"name": model.name, "provenance": model.provenance,
                            "inputs": [t.to_json() for t in model.inputs], "outputs": [t.to_json() for t in model.outputs],
@@ -89,11 +101,11 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda s: None) -
         from edgecomp.reference import reference_runner
         from edgecomp.validate import run_all
 
-        ref_runner = reference_runner(model, threads)
+        ref_runner = reference_runner(reference_model, threads)
         ref_outputs = run_all(ref_runner, samples.validation)
         bench_feed = samples.validation[0]
         ref_lat = _latency(ref_runner, bench_feed, profiles[0], req.bench)
-        report["reference"] = {"kind": "torch-eager" if model.torch_module is not None else "onnxruntime-fp32",
+        report["reference"] = {"kind": "torch-eager" if reference_model.torch_module is not None else "onnxruntime-fp32",
                                "runtime": ref_runner.info(), "latency": ref_lat}
         del ref_runner
 
@@ -101,7 +113,7 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda s: None) -
         for profile in profiles:
             progress(f"building {profile.name}")
             report["targets"].append(_build_target(model, profile, backends[profile.backend], stage, work, samples,
-                                                   ref_outputs, ref_lat, task, req, threads))
+                                                   ref_outputs, ref_lat, task, req, recipe))
         report["ok"] = all(t["verdict"]["ok"] for t in report["targets"])
         import shutil
 
@@ -111,6 +123,22 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda s: None) -
         t["artifact"]["folder"] = str(req.out / t["target"])
     report["out"] = str(req.out)
     return report
+
+
+def _split_levels(passes: tuple[tuple[str, dict[str, Any]], ...], level: str) -> list[tuple[str, dict[str, Any]]]:
+    from edgecomp.passes import PASSES, pass_module
+
+    for name, _ in passes:
+        pass_module(name)  # unknown names fail here, before any work
+    return [(n, p) for n, p in passes if PASSES[n].level == level]
+
+
+def _run_pass(model: ModelHandle, name: str, options: dict[str, Any], ctx: PassContext) -> ModelHandle:
+    from edgecomp.passes import PASSES, make_params, pass_module
+
+    if PASSES[name].level == "torch" and model.torch_module is None:
+        raise UsageError(f"pass {name} trains the PyTorch model; {model.name} has no PyTorch source (it was given as ONNX)")
+    return pass_module(name).run(model, make_params(name, options), ctx)
 
 
 def _load(req: BuildRequest, work: Path) -> tuple[ModelHandle, Any, SampleSet]:
@@ -147,20 +175,17 @@ def _latency(runner: Any, feed: dict[str, np.ndarray], profile: Profile, enabled
 
 def _build_target(model: ModelHandle, profile: Profile, backend: Any, stage: Path, work: Path, samples: SampleSet,
                   ref_outputs: list[dict[str, np.ndarray]], ref_lat: dict[str, float] | None, task: str | None,
-                  req: BuildRequest, ref_threads: int) -> dict[str, Any]:
+                  req: BuildRequest, recipe: Any) -> dict[str, Any]:
     from edgecomp.bench import peak_rss_mb, timed_load
-    from edgecomp.passes import make_params, pass_module
-    from edgecomp.passes.context import PassContext
     from edgecomp.validate import parity, run_all, verdict
 
     t0 = time.perf_counter()
-    ctx = PassContext(work / profile.name, samples, req.seed)
+    ctx = PassContext(work / profile.name, samples, req.seed, recipe)
     m = model
     for spec in profile.passes:
-        options = {k: v for k, v in spec.items() if k != "name"}
-        m = pass_module(spec["name"]).run(m, make_params(spec["name"], options), ctx)
+        m = _run_pass(m, spec["name"], {k: v for k, v in spec.items() if k != "name"}, ctx)
     folder = stage / profile.name
-    artifact = backend.lower(m, profile, folder)
+    artifact = backend.lower(m, profile, folder, ctx)
     threads = req.threads or profile.threads
     runner, load = timed_load(lambda: backend.load(artifact, threads))
     outputs = run_all(runner, samples.validation)

@@ -15,7 +15,7 @@ import numpy as np
 from edgecomp.backends.base import Artifact, Feed
 from edgecomp.model import ModelHandle
 
-def lower(model: ModelHandle, profile: Any, folder: Path) -> Artifact:
+def lower(model: ModelHandle, profile: Any, folder: Path, ctx: Any) -> Artifact:
     """The ONNX graph is already the artifact: copy it in, inlining external data under 2 GB."""
     import onnx
 

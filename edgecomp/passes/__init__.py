@@ -2,7 +2,8 @@
 
 A pass is one module with a frozen dataclass `Params` and `run(model, params, ctx) -> ModelHandle`.
 `level` says where it runs: "torch" passes (training: distillation, QAT, pruning fine-tunes) run
-on the torch module before export; "graph" passes rewrite the ONNX graph after it. Entries are
+on the torch module before export and return a handle with `onnx_path=None` (the pipeline exports
+what they made); "graph" passes rewrite the ONNX graph after it. Entries are
 imported lazily; a test imports every one so this table cannot go stale.
 """
 
@@ -64,3 +65,36 @@ def choice(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
     """For `Params.__post_init__`: an unknown option value is an error that lists the valid ones."""
     if value not in allowed:
         raise ValueError(f"{field} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def parse_pass_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """`--pass NAME:key=value,key=value`; values are TOML literals (true, 3, 0.5, "x", [..]) or bare words."""
+    import tomllib
+
+    name, _, rest = spec.partition(":")
+    pass_module(name)
+    options: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in _split_top(rest))):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise UsageError(f"--pass {spec!r}: expected KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = raw.strip()
+    make_params(name, options, where=f"--pass {spec}")
+    return name, options
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets, so `layers=[1,2]` stays whole."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]

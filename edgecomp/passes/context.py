@@ -1,9 +1,12 @@
-"""What a pass may use besides the model: a scratch folder, the sample set, the seed."""
+"""What a pass or a backend's lowering may use besides the model: a scratch folder, the real
+samples (calibration and validation splits), the seed, and the recipe when there is one
+(training passes read its corpus)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgecomp.data import SampleSet
 
@@ -13,6 +16,7 @@ class PassContext:
     workdir: Path
     samples: SampleSet
     seed: int = 0
+    recipe: Any = None  # edgecomp.recipe.Recipe | None
 
     def scratch(self, name: str) -> Path:
         path = self.workdir / name
