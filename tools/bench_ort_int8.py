@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""MiniLM on ONNX Runtime: edgecomp's ort-int8 against the plain recipe everyone starts from.
+
+The plain baseline is what Olive's and Optimum's default INT8 recipes produce: `torch.onnx.export`
+then `onnxruntime.quantization.quantize_dynamic` with default (per-tensor) settings. Everything
+is measured in this one process, same input, same threads, same latency protocol, and printed as
+one JSON object with ratios, so figures from different machines are never compared directly.
+
+    .venv/bin/python tools/bench_ort_int8.py [--threads 2] [--target ort-int8] [--out build/bench-ort-int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("USE_TF", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", default="ort-int8")
+    ap.add_argument("--out", type=Path, default=Path("build/bench-ort-int8"))
+    ap.add_argument("--runs", type=int, default=300)
+    args = ap.parse_args()
+
+    import logging
+
+    logging.disable(logging.WARNING)
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgecomp.backends.onnxruntime import OrtRunner
+    from edgecomp.bench import latency
+    from edgecomp.pipeline import BuildRequest, build
+    from edgecomp.reference import TorchRunner
+    from edgecomp.validate import parity, run_all
+
+    report = build(BuildRequest(model="minilm", targets=(args.target,), out=args.out, threads=args.threads,
+                                bench=False, command=sys.argv))
+    target = report["targets"][0]
+    artifact = Path(target["artifact"]["folder"]) / "model.onnx"
+
+    from edgecomp.load.recipe import load_from_recipe
+    from edgecomp.recipe import load_recipe
+
+    recipe = load_recipe("minilm")
+    model = load_from_recipe(recipe)
+    samples = recipe.module().samples(recipe)
+    eager = TorchRunner(model.torch_module, model.input_names, ["sentence_embedding"], args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_fp32, plain_int8 = Path(tmp) / "plain.onnx", Path(tmp) / "plain-int8.onnx"
+        import torch
+
+        feed = samples.validation[0]
+        torch.onnx.export(model.torch_module, tuple(torch.from_numpy(feed[n]) for n in model.input_names), str(plain_fp32),
+                          input_names=model.input_names, output_names=["sentence_embedding"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in model.input_names})
+        quantize_dynamic(str(plain_fp32), str(plain_int8), weight_type=QuantType.QInt8)
+        runners = {"pytorch-eager": eager, "plain-quantize-dynamic": OrtRunner(plain_int8, args.threads),
+                   f"edgecomp-{args.target}": OrtRunner(artifact, args.threads)}
+        ref = run_all(eager, samples.validation)
+        result: dict = {"threads": args.threads, "validation_samples": len(samples.validation),
+                        "cpu": report["environment"]["cpu"], "versions": report["environment"]["versions"], "runners": {}}
+        for name, runner in runners.items():
+            par = parity(ref, run_all(runner, samples.validation))["outputs"]["sentence_embedding"]
+            lat = latency(runner, feed, warmup=20, runs=args.runs, min_seconds=3.0)
+            result["runners"][name] = {"cosine_mean": par["cosine_mean"], "cosine_min": par["cosine_min"],
+                                       "p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "runs": lat["runs"],
+                                       "size_mb": (artifact.stat().st_size if name.startswith("edgecomp") else
+                                                   plain_int8.stat().st_size if name.startswith("plain") else 0) / 2**20}
+    r = result["runners"]
+    base, ours, torch_p50 = r["plain-quantize-dynamic"]["p50_ms"], r[f"edgecomp-{args.target}"]["p50_ms"], r["pytorch-eager"]["p50_ms"]
+    result["ratios"] = {"edgecomp_speedup_over_plain": base / ours, "edgecomp_vs_eager": ours / torch_p50,
+                        "plain_vs_eager": base / torch_p50}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
