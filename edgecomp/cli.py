@@ -231,6 +231,31 @@ def bench(artifacts: tuple[Path, ...], threads: int | None, warmup: int, runs: i
     return 0
 
 
+@cli.command(epilog="Example: edgecomp diff build/minilm/ort-fp32 build/minilm/ort-int8 --top 10")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--samples", type=click.Path(path_type=Path), help="Input to compare on (.npz); default: A's reference.npz.")
+@click.option("--jump-db", type=float, default=6.0, show_default=True, help="SQNR drop (dB) that marks where error enters.")
+@click.option("--top", type=int, default=15, show_default=True, help="Rows to print: the worst tensors by SQNR.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every matched tensor).")
+def diff(a: Path, b: Path, samples: Path | None, jump_db: float, top: int, as_json: bool) -> int:
+    """Compare two models (ONNX files or ONNX Runtime artifacts) tensor by tensor on one real input."""
+    from edgecomp.diff import diff as run_diff, first_feed
+
+    result = run_diff(a, b, first_feed(a, samples), jump_db=jump_db)
+    if as_json:
+        _echo_json(result)
+        return 0
+    worst = sorted(result["tensors"], key=lambda r: r["sqnr_db"])[:top]
+    _table(f"{result['matched']} matched tensors, worst {len(worst)} by SQNR", ["tensor", "shape", "cosine", "max abs", "SQNR dB"],
+           [[r["tensor"], "x".join(map(str, r["shape"])), f"{r['cosine']:.5f}", f"{r['max_abs']:.3g}", f"{r['sqnr_db']:.1f}"]
+            for r in worst])
+    click.echo(f"error first jumps at: {result['first_jump'] or 'nowhere (no drop above the threshold)'}")
+    if len(result["jumps"]) > 1:
+        click.echo(f"further jumps: {', '.join(result['jumps'][1:6])}{' ...' if len(result['jumps']) > 6 else ''}")
+    return 0
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

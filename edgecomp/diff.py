@@ -1,0 +1,104 @@
+"""`edgecomp diff`: where, layer by layer, two versions of a model part ways.
+
+Both graphs run on the same real input with every intermediate tensor exposed as an output;
+tensors are matched by name (quantizers and optimizers keep the float tensor names they
+rewrite around). For each matched tensor, in the first graph's execution order:
+  cosine, max_abs, and SQNR = 10 log10(|a|^2 / |a - b|^2) in dB.
+A "jump" is a tensor whose SQNR falls more than `jump_db` below the lowest SQNR seen before
+it (exact tensors have infinite SQNR): a layer where error is introduced, not merely carried
+forward. The first jump is where the two models start to part; the largest drops are the
+layers to keep in higher precision.
+
+ONNX graphs (files, or artifact folders of ONNX Runtime targets) are supported; other backends
+can join by offering `intermediates(artifact, feed)` in their module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecomp.errors import UsageError
+
+Feed = dict[str, np.ndarray]
+
+
+def _onnx_path(spec: Path) -> Path:
+    if spec.is_dir():
+        from edgecomp.artifact import read_manifest
+
+        manifest = read_manifest(spec)
+        if manifest["backend"] != "onnxruntime":
+            raise UsageError(f"{spec}: diff reads ONNX graphs; this artifact is {manifest['backend']}")
+        return spec / manifest["files"]["model"]
+    if spec.suffix != ".onnx" or not spec.is_file():
+        raise UsageError(f"{spec}: not an ONNX file or an ONNX Runtime artifact folder")
+    return spec
+
+
+def intermediates(path: Path, feed: Feed, threads: int = 2) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Every float tensor the graph computes, in execution order."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    model = onnx.shape_inference.infer_shapes(model)
+    floats = {vi.name for vi in list(model.graph.value_info) + list(model.graph.output)
+              if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    order = [o for node in model.graph.node if node.op_type != "Constant" for o in node.output if o in floats]
+    existing = {o.name for o in model.graph.output}
+    for name in order:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor observable
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = sess.run(order, {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}})
+    return order, dict(zip(order, outs))
+
+
+def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], order: list[str], jump_db: float = 6.0) -> dict[str, Any]:
+    rows, level, jumps = [], float("inf"), []
+    for name in order:
+        if name not in b or a[name].shape != b[name].shape:
+            continue
+        x, y = a[name].astype(np.float64).ravel(), b[name].astype(np.float64).ravel()
+        noise, signal = float(((x - y) ** 2).sum()), float((x ** 2).sum())
+        sqnr = 10 * np.log10(signal / noise) if noise > 0 and signal > 0 else float("inf")
+        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+        cos = float(x @ y / (nx * ny)) if nx and ny else float(nx == ny)
+        row = {"tensor": name, "shape": list(a[name].shape), "cosine": cos, "max_abs": float(np.abs(x - y).max(initial=0)),
+               "sqnr_db": sqnr}
+        if sqnr < level - jump_db:
+            row["jump_db"] = (level - sqnr) if np.isfinite(level) else None
+            jumps.append(name)
+        level = min(level, sqnr)
+        rows.append(row)
+    return {"matched": len(rows), "first_jump": jumps[0] if jumps else None, "jumps": jumps, "tensors": rows}
+
+
+def diff(a: Path, b: Path, feed: Feed, threads: int = 2, jump_db: float = 6.0) -> dict[str, Any]:
+    pa, pb = _onnx_path(a), _onnx_path(b)
+    order, ta = intermediates(pa, feed, threads)
+    _, tb = intermediates(pb, feed, threads)
+    result = compare(ta, tb, order, jump_db)
+    if not result["matched"]:
+        raise UsageError(f"{a} and {b} share no tensor names: they cannot be compared layer by layer")
+    return {"a": str(pa), "b": str(pb), **result}
+
+
+def first_feed(a: Path, samples: Path | None) -> Feed:
+    """The input to compare on: a sample from --samples, else the first input of the artifact's reference.npz."""
+    if samples is not None:
+        with np.load(samples, allow_pickle=False) as z:
+            return {k: z[k][:1] for k in z.files if k != "labels"}
+    folder = a if a.is_dir() else a.parent
+    if (folder / "reference.npz").is_file():
+        from edgecomp.artifact import reference_set
+
+        return reference_set(folder)[0][0]
+    raise UsageError(f"{a}: no reference.npz beside it; give real inputs with --samples FILE.npz")
