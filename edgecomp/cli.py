@@ -106,8 +106,11 @@ def build(model: str, targets: tuple[str, ...], out: Path, samples: Path | None,
         from rich.console import Console
 
         console = Console(stderr=True)
-        with console.status("building") as status:
-            report = run_build(req, progress=lambda s: status.update(s))
+        if console.is_terminal:
+            with console.status("building") as status:
+                report = run_build(req, progress=lambda s: status.update(s))
+        else:  # a log gets no spinner (which would leave a stray blank line on stderr)
+            report = run_build(req)
         from edgecomp.report import SUMMARY_HEADER, summary_rows
 
         _table(f"edgecomp build {model}", SUMMARY_HEADER, summary_rows(report))
@@ -260,6 +263,13 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _forget_interrupt() -> None:
+    """CPython (3.11, 3.12) quirk: a KeyboardInterrupt that passed through `exec` of a string (scipy does
+    that while importing) sets a flag that makes the interpreter kill itself with SIGINT at exit, so the
+    exit status is -2 whatever `sys.exit` says. Executing any string resets the flag; exit 2 stands."""
+    exec("pass")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps every failure to one stderr line and an exit code."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -274,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("edgecomp: interrupted; nothing was written", err=True)
         code = 2
+        _forget_interrupt()
     except EdgecompError as e:
         if _DEBUG:
             raise

@@ -73,7 +73,7 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda s: None) -
         model, recipe, samples = _load(req, work)
         task = recipe.task if recipe else ("classification" if samples.labels is not None else None)
         reference_model = model  # parity is always against the model as given, before any pass
-        ctx = PassContext(work / "build-passes", samples, req.seed, recipe)
+        ctx = PassContext(work / "build-passes", samples, req.seed, recipe, progress)
         for name, params in _split_levels(req.passes, "torch"):
             progress(f"pass {name}")
             model = _run_pass(model, name, params, ctx)
@@ -118,10 +118,10 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda s: None) -
         import shutil
 
         shutil.rmtree(work)
+        for t in report["targets"]:  # where the artifacts will be, not the staging folder they are written in
+            t["artifact"]["folder"] = str(req.out / t["target"])
+        report["out"] = str(req.out)
         rep.write(report, stage)
-    for t in report["targets"]:
-        t["artifact"]["folder"] = str(req.out / t["target"])
-    report["out"] = str(req.out)
     return report
 
 

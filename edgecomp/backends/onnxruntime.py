@@ -39,13 +39,22 @@ def executed_precision(m: Any) -> str:
     return _float_type(m)
 
 
+_FLOAT_COMPUTE = ("MatMul", "Gemm", "Conv", "Attention", "FusedMatMul", "FusedConv")
+
+
 def quantized_share(m: Any) -> dict[str, int]:
-    """How many compute ops run in int8 versus float: partial quantization must be visible."""
+    """How many compute ops run in int8 versus float: partial quantization must be visible.
+
+    In QDQ form a quantized op is still written as a float op (Conv, MatMul) whose activation and
+    weight both come from DequantizeLinear; ORT fuses DQ -> op -> Q into an int8 kernel, so it counts as int8."""
     ops = Counter(n.op_type for n in m.graph.node)
     int8 = sum(ops[o] for o in ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv", "ConvInteger",
                                 "QAttention", "QGemm"))
-    floats = sum(ops[o] for o in ("MatMul", "Gemm", "Conv", "Attention", "FusedMatMul", "FusedConv"))
-    return {"int8_compute_ops": int8, "float_compute_ops": floats}
+    dequantized = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    qdq = sum(1 for n in m.graph.node
+              if n.op_type in _FLOAT_COMPUTE and len(n.input) >= 2 and n.input[0] in dequantized and n.input[1] in dequantized)
+    floats = sum(ops[o] for o in _FLOAT_COMPUTE) - qdq
+    return {"int8_compute_ops": int8 + qdq, "float_compute_ops": floats}
 
 
 def _float_type(m: Any) -> str:

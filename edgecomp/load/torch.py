@@ -9,6 +9,7 @@ without the class that made it, there is no model to compile.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,10 @@ def load_torch_file(path: Path, inputs: tuple[TensorSpec, ...] | None, *, trust_
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path) and not _is_pickle(path):
+            raise UsageError(f"{path}: not a PyTorch file (neither a zip archive nor a pickle)") from None
         if not trust_remote_code:
-            reason = str(e).splitlines()[0][:160] if "GLOBAL" in str(e) or "global" in str(e) else "it is not a weights-only file"
-            raise UsageError(f"{path}: refusing to unpickle: loading it could run arbitrary code ({reason}); "
+            raise UsageError(f"{path}: refusing to unpickle: loading it could run arbitrary code ({_unsafe_reason(e)}); "
                              "re-run with --trust-remote-code only if you trust its author") from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -60,6 +62,25 @@ def load_torch_file(path: Path, inputs: tuple[TensorSpec, ...] | None, *, trust_
         raise UsageError(f"{path}: holds a state dict (weights without the model's code); "
                          "save the model with torch.jit.script/trace, torch.export.save, or export it to ONNX")
     raise UsageError(f"{path}: holds a {type(obj).__name__}, not a model")
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts with a well-formed pickle. Parsing opcodes executes nothing."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):
+                pass
+    except Exception:
+        return False
+    return True
+
+
+def _unsafe_reason(e: Exception) -> str:
+    """The one useful clause of torch's weights-only error (`GLOBAL builtins.exec`), without its advice or colours."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"it imports {match.group(1)}" if match else "it is not a weights-only file"
 
 
 def _load_exported(path: Path) -> ModelHandle:
