@@ -25,6 +25,10 @@ class BackendInfo:
 BACKENDS: dict[str, BackendInfo] = {
     "onnxruntime": BackendInfo("edgecomp.backends.onnxruntime", ("onnxruntime",), "pip install 'edgecomp[ort]'",
                                "ONNX Runtime, CPU execution provider"),
+    "openvino": BackendInfo("edgecomp.backends.openvino", ("openvino",), "pip install 'edgecomp[openvino]'",
+                            "OpenVINO, CPU plugin (IR; fp16 weights; NNCF INT8)"),
+    "tflite": BackendInfo("edgecomp.backends.tflite", ("onnx2tf", "tensorflow"), "pip install 'edgecomp[tflite]'",
+                          "LiteRT (TFLite) CPU with XNNPACK, via onnxslim + onnx2tf; builtin ops only"),
 }
 
 
