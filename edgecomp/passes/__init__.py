@@ -32,6 +32,18 @@ PASSES: dict[str, PassInfo] = {
                                  "INT8 weights ahead of time, activation scales at run time (ONNX Runtime)"),
     "quantize-static": PassInfo("edgecomp.passes.quantize_static", "graph", ("onnxruntime",),
                                 "INT8 weights and activations (QDQ), ranges calibrated on the calibration split"),
+    "mixed-precision": PassInfo("edgecomp.passes.mixed_precision", "graph", ("onnxruntime",),
+                                "INT8 with the fewest layers kept in fp32 that meet a cosine target (error attribution)"),
+    "distill": PassInfo("edgecomp.passes.distill", "torch", ("torch",),
+                        "knowledge distillation into a student built from the model (fewer layers / heads / neurons / channels)"),
+    "prune-structured": PassInfo("edgecomp.passes.prune_structured", "torch", ("torch",),
+                                 "remove attention heads, FFN neurons, conv channels (tensors shrink), optional recovery"),
+    "prune-unstructured": PassInfo("edgecomp.passes.prune_unstructured", "torch", ("torch",),
+                                   "magnitude pruning to a sparsity: one-shot, iterative, lottery-ticket rewinding"),
+    "lowrank": PassInfo("edgecomp.passes.lowrank", "torch", ("torch",),
+                        "truncated-SVD factorization of Linear (and embedding) weights, rank by ratio or energy"),
+    "share": PassInfo("edgecomp.passes.share", "torch", ("torch",),
+                      "ALBERT-style cross-layer weight sharing: smaller storage, same FLOPs"),
 }
 
 

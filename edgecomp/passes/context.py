@@ -4,6 +4,7 @@ samples (calibration and validation splits), the seed, and the recipe when there
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ class PassContext:
     samples: SampleSet
     seed: int = 0
     recipe: Any = None  # edgecomp.recipe.Recipe | None
+    progress: Callable[[str], None] | None = None  # a status line for long passes (training); None: silent
 
     def scratch(self, name: str) -> Path:
         path = self.workdir / name
