@@ -242,7 +242,7 @@ def bench(artifacts: tuple[Path, ...], threads: int | None, warmup: int, runs: i
 @click.option("--top", type=int, default=15, show_default=True, help="Rows to print: the worst tensors by SQNR.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every matched tensor).")
 def diff(a: Path, b: Path, samples: Path | None, jump_db: float, top: int, as_json: bool) -> int:
-    """Compare two models (ONNX files or ONNX Runtime artifacts) tensor by tensor on one real input."""
+    """Compare two models (ONNX files, ONNX Runtime or OpenVINO artifacts) tensor by tensor on one real input."""
     from edgecomp.diff import diff as run_diff, first_feed
 
     result = run_diff(a, b, first_feed(a, samples), jump_db=jump_db)

@@ -5,12 +5,13 @@ tensors are matched by name (quantizers and optimizers keep the float tensor nam
 rewrite around). For each matched tensor, in the first graph's execution order:
   cosine, max_abs, and SQNR = 10 log10(|a|^2 / |a - b|^2) in dB.
 A "jump" is a tensor whose SQNR falls more than `jump_db` below the lowest SQNR seen before
-it (exact tensors have infinite SQNR): a layer where error is introduced, not merely carried
+it (tensors above EXACT_DB, float rounding between kernels, count as exact): a layer where error is introduced, not merely carried
 forward. The first jump is where the two models start to part; the largest drops are the
 layers to keep in higher precision.
 
-ONNX graphs (files, or artifact folders of ONNX Runtime targets) are supported; other backends
-can join by offering `intermediates(artifact, feed)` in their module.
+ONNX graphs (files, or artifact folders of ONNX Runtime targets) are read directly; an artifact
+of another backend joins when its module offers `intermediates(artifact, feed, threads)`
+(OpenVINO does: its ONNX frontend keeps the ONNX tensor names, so ONNX vs IR matches by name).
 """
 
 from __future__ import annotations
@@ -23,19 +24,27 @@ import numpy as np
 from edgecomp.errors import UsageError
 
 Feed = dict[str, np.ndarray]
+EXACT_DB = 90.0  # fp32 rounding between runtimes (different kernels, fusion order) stays above this: not a jump
 
 
-def _onnx_path(spec: Path) -> Path:
-    if spec.is_dir():
-        from edgecomp.artifact import read_manifest
+def tensors(spec: Path, feed: Feed, threads: int = 2) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Every intermediate float tensor of an ONNX file or an artifact folder, in execution order."""
+    if not spec.is_dir():
+        if spec.suffix != ".onnx" or not spec.is_file():
+            raise UsageError(f"{spec}: not an ONNX file or an artifact folder")
+        return intermediates(spec, feed, threads)
+    from edgecomp.artifact import read_manifest
+    from edgecomp.backends import require
+    from edgecomp.backends.base import Artifact
 
-        manifest = read_manifest(spec)
-        if manifest["backend"] != "onnxruntime":
-            raise UsageError(f"{spec}: diff reads ONNX graphs; this artifact is {manifest['backend']}")
-        return spec / manifest["files"]["model"]
-    if spec.suffix != ".onnx" or not spec.is_file():
-        raise UsageError(f"{spec}: not an ONNX file or an ONNX Runtime artifact folder")
-    return spec
+    manifest = read_manifest(spec)
+    if manifest["backend"] == "onnxruntime":
+        return intermediates(spec / manifest["files"]["model"], feed, threads)
+    module = require(manifest["backend"])
+    if not hasattr(module, "intermediates"):
+        raise UsageError(f"{spec}: diff cannot look inside {manifest['backend']} artifacts (only ONNX and OpenVINO IR)")
+    artifact = Artifact(spec, manifest["backend"], manifest["files"], manifest.get("meta", {}))
+    return module.intermediates(artifact, feed, threads)
 
 
 def intermediates(path: Path, feed: Feed, threads: int = 2) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -73,22 +82,22 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], order: list[str]
         cos = float(x @ y / (nx * ny)) if nx and ny else float(nx == ny)
         row = {"tensor": name, "shape": list(a[name].shape), "cosine": cos, "max_abs": float(np.abs(x - y).max(initial=0)),
                "sqnr_db": sqnr}
-        if sqnr < level - jump_db:
-            row["jump_db"] = (level - sqnr) if np.isfinite(level) else None
+        seen = sqnr if sqnr < EXACT_DB else float("inf")
+        if seen < level - jump_db:
+            row["jump_db"] = (level - seen) if np.isfinite(level) else None
             jumps.append(name)
-        level = min(level, sqnr)
+        level = min(level, seen)
         rows.append(row)
     return {"matched": len(rows), "first_jump": jumps[0] if jumps else None, "jumps": jumps, "tensors": rows}
 
 
 def diff(a: Path, b: Path, feed: Feed, threads: int = 2, jump_db: float = 6.0) -> dict[str, Any]:
-    pa, pb = _onnx_path(a), _onnx_path(b)
-    order, ta = intermediates(pa, feed, threads)
-    _, tb = intermediates(pb, feed, threads)
+    order, ta = tensors(a, feed, threads)
+    _, tb = tensors(b, feed, threads)
     result = compare(ta, tb, order, jump_db)
     if not result["matched"]:
         raise UsageError(f"{a} and {b} share no tensor names: they cannot be compared layer by layer")
-    return {"a": str(pa), "b": str(pb), **result}
+    return {"a": str(a), "b": str(b), **result}
 
 
 def first_feed(a: Path, samples: Path | None) -> Feed:

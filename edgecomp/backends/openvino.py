@@ -214,3 +214,20 @@ class OpenVinoRunner:
 
 def load(artifact: Artifact, threads: int) -> OpenVinoRunner:
     return OpenVinoRunner(artifact.path("model"), threads, artifact.meta.get("inference_precision", "f32"))
+
+
+def intermediates(artifact: Artifact, feed: Feed, threads: int = 2) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Every named f32 tensor of the IR, computed in f32, for `edgecomp diff`. The ONNX frontend names
+    each output port after the ONNX tensor it came from, so IR and ONNX tensors match by name."""
+    import openvino as ov
+
+    core = ov.Core()
+    ov_model = core.read_model(str(artifact.path("model")))
+    ports = [out for op in ov_model.get_ordered_ops() if op.get_type_name() not in ("Parameter", "Constant", "Result")
+             for out in op.outputs() if out.get_element_type() == ov.Type.f32 and out.get_names()]
+    ov_model.add_outputs(ports)
+    compiled = core.compile_model(ov_model, DEVICE, {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+    result = compiled.create_infer_request().infer(feed, share_outputs=False)
+    by_name = {name: port for port in compiled.outputs for name in port.get_names()}
+    order = [name for port in ports for name in sorted(port.get_names()) if name in by_name]  # execution order
+    return order, {name: np.asarray(result[by_name[name]]) for name in order}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,15 @@ def _cosine_mean(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     return float(np.mean(cos))
 
 
+def _quantized_nodes(graph: Any) -> Callable[[str], bool]:
+    """Whether the quantizer took a float node: dynamic quantization replaces it (its name is gone),
+    QDQ keeps it but feeds it from DequantizeLinear."""
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    names = {n.name for n in graph.node}
+    fed = {n.name for n in graph.node if any(i in dequantized for i in n.input)}
+    return lambda name: name not in names or name in fed
+
+
 def _attribute(fp32: ModelHandle, quant: ModelHandle, feeds: list[dict[str, np.ndarray]], op_types: tuple[str, ...]) -> list[tuple[str, float]]:
     """(node, dB of relative noise the node adds), largest first, over the nodes the quantizer replaced."""
     import onnx
@@ -61,8 +71,8 @@ def _attribute(fp32: ModelHandle, quant: ModelHandle, feeds: list[dict[str, np.n
     from edgecomp.diff import intermediates
 
     graph = onnx.load(str(fp32.onnx_path), load_external_data=False).graph
-    kept = {n.name for n in onnx.load(str(quant.onnx_path), load_external_data=False).graph.node}
-    candidates = [n for n in graph.node if n.op_type in op_types and n.name and n.name not in kept]
+    quantized = _quantized_nodes(onnx.load(str(quant.onnx_path), load_external_data=False).graph)
+    candidates = [n for n in graph.node if n.op_type in op_types and n.name and quantized(n.name)]
     added: dict[str, list[float]] = {n.name: [] for n in candidates}
     for feed in feeds:
         _, a = intermediates(fp32.onnx_path, feed)

@@ -37,7 +37,13 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
         str(model.onnx_path), str(out),
         weight_type=QuantType.QInt8 if params.weight_type == "qint8" else QuantType.QUInt8,
         per_channel=params.per_channel, reduce_range=params.reduce_range,
-        op_types_to_quantize=list(params.op_types), nodes_to_exclude=list(params.exclude_nodes),
+        op_types_to_quantize=list(params.op_types), nodes_to_exclude=_exclusions(params.exclude_nodes),
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return model.with_pass({"pass": "quantize-dynamic", **dataclasses.asdict(params)}, onnx_path=out)
+
+
+def _exclusions(names: tuple[str, ...]) -> list[str]:
+    """ORT rewrites a Gemm as `NAME_MatMul` + `NAME_Add` before quantizing it, so the excluded Gemm
+    must be named both ways or it is quantized anyway."""
+    return [n for name in names for n in (name, f"{name}_MatMul")]
