@@ -3,6 +3,8 @@
 Protocol: `warmup` untimed runs (caches, lazy kernel selection), then timed runs until both
 `runs` iterations and `min_seconds` have passed, so percentiles rest on enough samples even for
 fast models. One fixed real input; threads are whatever the runner was built with (explicit).
+A build measures the reference and every target together, interleaved in rounds (`interleaved`),
+after they are all built: ratios come from one stretch of time, not from minutes apart.
 """
 
 from __future__ import annotations
@@ -17,6 +19,29 @@ def latency(runner: Any, feed: dict[str, np.ndarray], warmup: int = 10, runs: in
             min_seconds: float = 1.0, max_seconds: float = 30.0) -> dict[str, float]:
     for _ in range(int(warmup)):
         runner(feed)
+    return _summary(_timed(runner, feed, runs, min_seconds, max_seconds), warmup)
+
+
+def interleaved(runners: list[tuple[Any, dict[str, Any]]], feed: dict[str, np.ndarray], rounds: int = 5) -> list[dict[str, float]]:
+    """Latency of several runners (each with its profile's bench settings) measured in alternation:
+    each round gives every runner 1/rounds of its runs. A machine that slows down during the
+    measurement (another process, a noisy neighbour) slows them all alike, so the ratios between
+    them hold even where the absolute figures drift."""
+    for runner, b in runners:
+        for _ in range(int(b["warmup"])):
+            runner(feed)
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(rounds):
+        for i, (runner, b) in enumerate(runners):
+            times[i] += _timed(runner, feed, -(-int(b["runs"]) // rounds), float(b["min_seconds"]) / rounds,
+                               float(b.get("max_seconds", 30.0)) / rounds)
+    out = [_summary(t, int(b["warmup"])) for t, (_, b) in zip(times, runners)]
+    for o in out:
+        o["rounds"] = rounds
+    return out
+
+
+def _timed(runner: Any, feed: dict[str, np.ndarray], runs: int, min_seconds: float, max_seconds: float) -> list[float]:
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start < min_seconds:
@@ -25,6 +50,10 @@ def latency(runner: Any, feed: dict[str, np.ndarray], warmup: int = 10, runs: in
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > max_seconds and len(times) >= 10:
             break
+    return times
+
+
+def _summary(times: list[float], warmup: int) -> dict[str, float]:
     ms = np.array(times) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),

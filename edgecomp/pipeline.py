@@ -103,17 +103,19 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda s: None) -
 
         ref_runner = reference_runner(reference_model, threads)
         ref_outputs = run_all(ref_runner, samples.validation)
-        bench_feed = samples.validation[0]
-        ref_lat = _latency(ref_runner, bench_feed, profiles[0], req.bench)
         report["reference"] = {"kind": "torch-eager" if reference_model.torch_module is not None else "onnxruntime-fp32",
-                               "runtime": ref_runner.info(), "latency": ref_lat}
-        del ref_runner
+                               "runtime": ref_runner.info(), "latency": None}
 
-        report["targets"] = []
+        report["targets"], runners = [], []
         for profile in profiles:
             progress(f"building {profile.name}")
-            report["targets"].append(_build_target(model, profile, backends[profile.backend], stage, work, samples,
-                                                   ref_outputs, ref_lat, task, req, recipe))
+            target, runner = _build_target(model, profile, backends[profile.backend], stage, work, samples,
+                                           ref_outputs, task, req, recipe)
+            report["targets"].append(target)
+            runners.append(runner)
+        if req.bench:
+            progress("measuring latency (reference and targets interleaved)")
+            _measure(report, [ref_runner, *runners], profiles, samples.validation[0])
         report["ok"] = all(t["verdict"]["ok"] for t in report["targets"])
         import shutil
 
@@ -164,18 +166,25 @@ def _load(req: BuildRequest, work: Path) -> tuple[ModelHandle, Any, SampleSet]:
     return model, recipe, samples
 
 
-def _latency(runner: Any, feed: dict[str, np.ndarray], profile: Profile, enabled: bool) -> dict[str, float] | None:
-    if not enabled:
-        return None
-    from edgecomp.bench import latency
+def _measure(report: dict[str, Any], runners: list[Any], profiles: list[Profile], feed: dict[str, np.ndarray]) -> None:
+    """Latency of the reference and every target in one interleaved measurement; the verdicts then
+    see the latency ratio."""
+    from edgecomp.bench import interleaved
+    from edgecomp.validate import verdict
 
-    b = profile.bench
-    return latency(runner, feed, warmup=int(b["warmup"]), runs=int(b["runs"]), min_seconds=float(b["min_seconds"]))
+    lats = interleaved(list(zip(runners, [profiles[0].bench, *(p.bench for p in profiles)])), feed)
+    report["reference"]["latency"] = lats[0]
+    for target, lat, profile in zip(report["targets"], lats[1:], profiles):
+        lat["ratio_to_reference"] = lat["p50_ms"] / lats[0]["p50_ms"]
+        target["latency"] = lat
+        target["verdict"] = verdict(target["parity"], profile.budget, lat["ratio_to_reference"])
 
 
 def _build_target(model: ModelHandle, profile: Profile, backend: Any, stage: Path, work: Path, samples: SampleSet,
-                  ref_outputs: list[dict[str, np.ndarray]], ref_lat: dict[str, float] | None, task: str | None,
-                  req: BuildRequest, recipe: Any) -> dict[str, Any]:
+                  ref_outputs: list[dict[str, np.ndarray]], task: str | None,
+                  req: BuildRequest, recipe: Any) -> tuple[dict[str, Any], Any]:
+    """Passes, lowering, parity and the manifest of one target; returns its report entry (latency
+    still to measure) and its runner."""
     from edgecomp.bench import peak_rss_mb, timed_load
     from edgecomp.validate import parity, run_all, verdict
 
@@ -190,10 +199,7 @@ def _build_target(model: ModelHandle, profile: Profile, backend: Any, stage: Pat
     runner, load = timed_load(lambda: backend.load(artifact, threads))
     outputs = run_all(runner, samples.validation)
     par = parity(ref_outputs, outputs, task, samples.labels)
-    lat = _latency(runner, samples.validation[0], profile, req.bench)
-    if lat is not None and ref_lat is not None:
-        lat["ratio_to_reference"] = lat["p50_ms"] / ref_lat["p50_ms"]
-    ver = verdict(par, profile.budget, lat["ratio_to_reference"] if lat else None)
+    ver = verdict(par, profile.budget)
     info = runner.info()
     _write_reference(folder, samples, ref_outputs)
     manifest = {"schema": MANIFEST_SCHEMA, "target": profile.name, "backend": profile.backend,
@@ -211,8 +217,8 @@ def _build_target(model: ModelHandle, profile: Profile, backend: Any, stage: Pat
         "artifact": {"folder": str(folder), "size_bytes": sum(artifact.path(r).stat().st_size for r in artifact.files),
                      "files": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]},
         "passes": [h for h in m.history], "runtime": info, "load": load, "peak_rss_mb": peak_rss_mb(),
-        "parity": par, "latency": lat, "verdict": ver, "build_seconds": time.perf_counter() - t0, "meta": artifact.meta,
-    }
+        "parity": par, "latency": None, "verdict": ver, "build_seconds": time.perf_counter() - t0, "meta": artifact.meta,
+    }, runner
 
 
 def _write_reference(folder: Path, samples: SampleSet, ref_outputs: list[dict[str, np.ndarray]]) -> None:
