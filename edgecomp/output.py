@@ -38,8 +38,9 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a fresh staging folder; on normal exit it replaces `out`, on any exception it is removed."""
     check_destination(out)
     out = out.resolve()
+    _sweep_stale(out)
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
     stage.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
@@ -50,8 +51,27 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         raise
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         os.rename(out, old / "prev")
     os.rename(stage, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _sweep_stale(out: Path) -> None:
+    """A build killed outright (SIGKILL, power loss) cannot clean up after itself; the next build into
+    the same place does. Staging folders carry their process id, and only those of dead processes go."""
+    for stale in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
+        pid = stale.name.rsplit(".", 1)[-1].split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

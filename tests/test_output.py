@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,17 @@ def test_creates_missing_parent_folders(tmp_path: Path) -> None:
     with atomic_dir(out) as stage:
         (stage / MARKER).write_text("{}")
     assert (out / MARKER).is_file()
+
+
+def test_a_killed_build_is_swept_by_the_next(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".out.tmp-{dead}-abc123"
+    (stale / "ort-fp32").mkdir(parents=True)
+    live = tmp_path / f".out.tmp-{os.getpid()}-def456"  # a build still running in this process: left alone
+    live.mkdir()
+    with atomic_dir(tmp_path / "out") as stage:
+        (stage / "report.json").write_text("{}")
+    assert not stale.exists() and live.is_dir() and (tmp_path / "out" / "report.json").is_file()
