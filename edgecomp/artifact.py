@@ -37,7 +37,7 @@ def load_runner(folder: Path, threads: int | None) -> tuple[Any, dict[str, Any],
     from edgecomp.bench import timed_load
 
     manifest = read_manifest(folder)
-    backend = require(manifest["backend"])
+    backend = require(manifest["backend"], lowering=False)
     artifact = Artifact(folder, manifest["backend"], manifest["files"], manifest.get("meta", {}))
     runner, load = timed_load(lambda: backend.load(artifact, threads or manifest.get("threads", 2)))
     return runner, manifest, load

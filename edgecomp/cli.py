@@ -45,13 +45,14 @@ def _echo_json(obj: Any) -> None:
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for h in header:
         table.add_column(h)
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*map(escape, r))  # "pip install 'edgecomp[ort]'" is text, not rich markup
     Console().print(table)
 
 

@@ -40,7 +40,7 @@ def tensors(spec: Path, feed: Feed, threads: int = 2) -> tuple[list[str], dict[s
     manifest = read_manifest(spec)
     if manifest["backend"] == "onnxruntime":
         return intermediates(spec / manifest["files"]["model"], feed, threads)
-    module = require(manifest["backend"])
+    module = require(manifest["backend"], lowering=False)
     if not hasattr(module, "intermediates"):
         raise UsageError(f"{spec}: diff cannot look inside {manifest['backend']} artifacts (only ONNX and OpenVINO IR)")
     artifact = Artifact(spec, manifest["backend"], manifest["files"], manifest.get("meta", {}))

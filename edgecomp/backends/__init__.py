@@ -17,9 +17,10 @@ from edgecomp.errors import UsageError
 @dataclass(frozen=True)
 class BackendInfo:
     module: str
-    requires: tuple[str, ...]  # importable modules the runtime needs
+    requires: tuple[str, ...]  # importable modules lowering needs (all of them)
     install: str
     summary: str
+    runs_with: tuple[str, ...] = ()  # modules that can load and run an artifact (any one); () = `requires`
 
 
 BACKENDS: dict[str, BackendInfo] = {
@@ -28,16 +29,24 @@ BACKENDS: dict[str, BackendInfo] = {
     "openvino": BackendInfo("edgecomp.backends.openvino", ("openvino",), "pip install 'edgecomp[openvino]'",
                             "OpenVINO, CPU plugin (IR; fp16 weights; NNCF INT8)"),
     "tflite": BackendInfo("edgecomp.backends.tflite", ("onnx2tf", "tensorflow"), "pip install 'edgecomp[tflite]'",
-                          "LiteRT (TFLite) CPU with XNNPACK, via onnxslim + onnx2tf; builtin ops only"),
+                          "LiteRT (TFLite) CPU with XNNPACK, via onnxslim + onnx2tf; builtin ops only",
+                          runs_with=("ai_edge_litert", "tflite_runtime", "tensorflow")),
+    "tensorrt": BackendInfo("edgecomp.backends.tensorrt", ("tensorrt",),
+                            "pip install 'edgecomp[tensorrt]' (needs an NVIDIA GPU with a CUDA driver)",
+                            "TensorRT on an NVIDIA GPU, via its ONNX parser (fp16; INT8 from explicit QDQ)"),
 }
 
 
-def availability(name: str) -> tuple[bool, str]:
-    """(usable here, why not). Checks the import without importing the runtime itself."""
+def availability(name: str, lowering: bool = True) -> tuple[bool, str]:
+    """(usable here, why not). Checks the import without importing the runtime itself. Running an
+    artifact (`validate`, `bench`) needs only a runtime, not the converters that made it."""
     info = BACKENDS[name]
-    for mod in info.requires:
-        if importlib.util.find_spec(mod) is None:
-            return False, f"{mod} is not installed: {info.install}"
+    if lowering or not info.runs_with:
+        for mod in info.requires:
+            if importlib.util.find_spec(mod) is None:
+                return False, f"{mod} is not installed: {info.install}"
+    elif not any(importlib.util.find_spec(mod) for mod in info.runs_with):
+        return False, f"none of {', '.join(info.runs_with)} is installed: {info.install}"
     probe = getattr(backend_module(name), "probe", None)
     return probe() if probe else (True, "")
 
@@ -48,8 +57,8 @@ def backend_module(name: str) -> ModuleType:
     return importlib.import_module(BACKENDS[name].module)
 
 
-def require(name: str) -> ModuleType:
-    ok, why = availability(name)
+def require(name: str, lowering: bool = True) -> ModuleType:
+    ok, why = availability(name, lowering)
     if not ok:
         raise UsageError(f"backend {name} is unavailable: {why}")
     return backend_module(name)
