@@ -48,7 +48,7 @@ def tensors(spec: Path, feed: Feed, threads: int = 2) -> tuple[list[str], dict[s
 
 
 def intermediates(path: Path, feed: Feed, threads: int = 2) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Every float tensor the graph computes, in execution order."""
+    """Every float activation the graph computes, in execution order (not constant weight subgraphs)."""
     import onnx
     import onnxruntime as ort
 
@@ -56,7 +56,11 @@ def intermediates(path: Path, feed: Feed, threads: int = 2) -> tuple[list[str], 
     model = onnx.shape_inference.infer_shapes(model)
     floats = {vi.name for vi in list(model.graph.value_info) + list(model.graph.output)
               if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    order = [o for node in model.graph.node if node.op_type != "Constant" for o in node.output if o in floats]
+    constant = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # weights dequantized or reshaped from initializers are not activations
+        if all(i in constant or not i for i in node.input):
+            constant.update(node.output)
+    order = [o for node in model.graph.node for o in node.output if o in floats and o not in constant]
     existing = {o.name for o in model.graph.output}
     for name in order:
         if name not in existing:

@@ -73,3 +73,29 @@ def test_int8_error_is_located(digits_builds: Path) -> None:
     result = json.loads(proc.stdout)
     assert result["first_jump"] is not None
     assert min(r["sqnr_db"] for r in result["tensors"]) < 60  # quantization noise is visible somewhere
+
+
+def _break_layer(artifact: Path, dst: Path) -> str:
+    """A copy of a QDQ model whose second Conv has a wrong weight scale (x4): a deliberately broken
+    quantization of one layer. Returns that layer's output tensor."""
+    m = onnx.load(str(artifact / "model.onnx"))
+    producers = {o: n for n in m.graph.node for o in n.output}
+    conv = [n for n in m.graph.node if n.op_type == "Conv"][1]
+    dq = producers[conv.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    scale = next(t for t in m.graph.initializer if t.name == dq.input[1])
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 4, scale.name))
+    onnx.save(m, str(dst))
+    return conv.output[0]
+
+
+def test_a_broken_layer_is_named_first(digits_builds: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    layer = _break_layer(digits_builds / "ort-int8-static", broken)
+    good = digits_builds / "ort-int8-static" / "model.onnx"
+    with np.load(digits_builds / "ort-fp32" / "reference.npz") as z:
+        feed = {k.split("/", 1)[1]: z[k][:1] for k in z.files if k.startswith("input/")}
+    assert diff(good, broken, feed)["first_jump"] == layer  # int8 vs broken int8: everything before it is exact
+    against_fp32 = diff(digits_builds / "ort-fp32", broken, feed)  # fp32 vs broken: the largest jump is the layer
+    jumped = [r for r in against_fp32["tensors"] if r.get("jump_db")]
+    assert max(jumped, key=lambda r: r["jump_db"])["tensor"] == layer
