@@ -125,6 +125,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"- precision requested / executed: {t['precision_requested']} / {t['precision_executed']}",
                   f"- runtime: {t['runtime']['runtime']} {t['runtime']['version']}, {t['threads']} threads",
                   f"- passes: {', '.join(p['pass'] for p in t['passes']) or 'none'}"]
+        lines += [line for p in t["passes"] for line in _pass_lines(p)]
         if t["latency"]:
             lat = t["latency"]
             lines.append(f"- latency: p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
@@ -136,3 +137,28 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {c['metric']} | {c['value']:.6g} | {c['op']} {c['limit']:g} | {'yes' if c['ok'] else '**no**'} |"
                   for c in t["verdict"]["checks"]]
     return "\n".join(lines) + "\n"
+
+
+_KEYS = ("params_before", "params_after", "params_ratio", "sparsity", "sparsity_reached", "layers_factorized", "float_layers", "target_met", "seconds")
+
+
+def _pass_lines(p: dict[str, Any]) -> list[str]:
+    """What a pass did, in one line, and its training loss as a sparkline (the numbers are in report.json)."""
+    facts = [f"{k} {p[k]:.4g}" if isinstance(p[k], float) else f"{k} {p[k]}" for k in _KEYS if k in p and p[k] not in (None, [])]
+    lines = [f"  - {p['pass']}: {', '.join(facts)}"] if facts else []
+    curve = p.get("loss_curve") or (p.get("training") or {}).get("loss_curve") or (p.get("recovery") or {}).get("loss_curve")
+    if curve:
+        lines.append(f"  - {p['pass']} loss {curve[0]:.4g} `{sparkline(curve)}` {curve[-1]:.4g} ({len(curve)} points)")
+    return lines
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """A loss curve in one line of text: every report reader has a plot, no plotting library needed."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if len(v) > width:  # mean of equal chunks, so a noisy curve keeps its trend
+        v = np.array([c.mean() for c in np.array_split(v, width)])
+    lo, hi = float(v.min()), float(v.max())
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(bars[int((x - lo) / (hi - lo) * 7) if hi > lo else 0] for x in v)
