@@ -9,9 +9,7 @@ imported lazily; a test imports every one so this table cannot go stale.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import typing
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -32,6 +30,8 @@ PASSES: dict[str, PassInfo] = {
                                  "INT8 weights ahead of time, activation scales at run time (ONNX Runtime)"),
     "quantize-static": PassInfo("edgecomp.passes.quantize_static", "graph", ("onnxruntime",),
                                 "INT8 weights and activations (QDQ), ranges calibrated on the calibration split"),
+    "smoothquant": PassInfo("edgecomp.passes.smoothquant", "graph", ("onnxruntime",),
+                            "SmoothQuant: per-channel scales move activation outliers into MatMul weights (exact in float)"),
     "mixed-precision": PassInfo("edgecomp.passes.mixed_precision", "graph", ("onnxruntime",),
                                 "INT8 with the fewest layers kept in fp32 that meet a cosine target (error attribution)"),
     "distill": PassInfo("edgecomp.passes.distill", "torch", ("torch",),
@@ -44,6 +44,8 @@ PASSES: dict[str, PassInfo] = {
                         "truncated-SVD factorization of Linear (and embedding) weights, rank by ratio or energy"),
     "share": PassInfo("edgecomp.passes.share", "torch", ("torch",),
                       "ALBERT-style cross-layer weight sharing: smaller storage, same FLOPs"),
+    "qat": PassInfo("edgecomp.passes.qat", "torch", ("torch",),
+                    "quantization-aware training: int8 fake quantization (STE), distillation fine-tune, QDQ export"),
 }
 
 
@@ -55,22 +57,9 @@ def pass_module(name: str) -> ModuleType:
 
 def make_params(name: str, options: dict[str, Any], where: str = "") -> Any:
     """Build a pass's `Params` from TOML/CLI options; errors name the bad key or value."""
-    cls = pass_module(name).Params
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    where = where or f"pass {name}"
-    for key, value in options.items():
-        if key not in fields:
-            raise UsageError(f"{where}: unknown option {key!r} for pass {name} (allowed: {', '.join(fields)})")
-        expected = typing.get_type_hints(cls)[key]
-        origin = typing.get_origin(expected) or expected
-        if origin in (int, float, bool, str) and not (isinstance(value, origin) or (origin is float and isinstance(value, int))):
-            raise UsageError(f"{where}: option {key!r} must be {origin.__name__}, not {value!r}")
-        if origin in (tuple, list) and not isinstance(value, (list, tuple)):
-            raise UsageError(f"{where}: option {key!r} must be a list, not {value!r}")
-    try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
-    except ValueError as e:
-        raise UsageError(f"{where}: {e}") from None
+    from edgecomp.tomlconf import typed
+
+    return typed(pass_module(name).Params, options, where or f"pass {name}")
 
 
 def choice(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
