@@ -14,8 +14,6 @@ actually runs in), never from the request. Threads are explicit, one stream, lat
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,23 +61,10 @@ class Options:
 
 
 def options(profile: Any) -> Options:
-    """`Options` from `profile.options`, with errors that name the profile and the bad key."""
-    where = f"{getattr(profile, 'path', None) and profile.path.name or profile.name} [options]"
-    fields = {f.name for f in dataclasses.fields(Options)}
-    hints = typing.get_type_hints(Options)
-    for key, value in profile.options.items():
-        if key not in fields:
-            raise UsageError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(fields))})")
-        want = typing.get_origin(hints[key]) or hints[key]
-        ok = isinstance(value, (list, tuple)) if want is tuple else (
-            isinstance(value, want) and not (want is int and isinstance(value, bool))
-            or (want is float and isinstance(value, int) and not isinstance(value, bool)))
-        if not ok:
-            raise UsageError(f"{where}: {key} must be {want.__name__}, not {value!r}")
-    try:
-        return Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in profile.options.items()})
-    except ValueError as e:
-        raise UsageError(f"{where}: {e}") from None
+    """The profile's [options] table as typed `Options`; errors name the file and the key."""
+    from edgecomp.tomlconf import options_where, typed
+
+    return typed(Options, profile.options, f"{options_where(profile)} (openvino)")
 
 
 def probe() -> tuple[bool, str]:

@@ -23,12 +23,10 @@ pycuda / cuda-python); latency therefore includes the host <-> device copies of 
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import json
 import os
 import re
-import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,22 +73,10 @@ class Options:
 
 
 def options(profile: Any) -> Options:
-    """`Options` from `profile.options`, with errors that name the profile and the bad key."""
-    where = f"{profile.path.name if getattr(profile, 'path', None) else profile.name} [options]"
-    fields = {f.name for f in dataclasses.fields(Options)}
-    hints = typing.get_type_hints(Options)
-    for key, value in profile.options.items():
-        if key not in fields:
-            raise UsageError(f"{where}: unknown key {key!r} for backend tensorrt (allowed: {', '.join(sorted(fields))})")
-        want = typing.get_origin(hints[key]) or hints[key]
-        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if want is tuple else (
-            isinstance(value, want) and not (want is int and isinstance(value, bool)))
-        if not ok:
-            raise UsageError(f"{where}: {key} must be {'a list of strings' if want is tuple else want.__name__}, not {value!r}")
-    try:
-        return Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in profile.options.items()})
-    except ValueError as e:
-        raise UsageError(f"{where}: {e}") from None
+    """The profile's [options] table as typed `Options`; errors name the file and the key."""
+    from edgecomp.tomlconf import options_where, typed
+
+    return typed(Options, profile.options, f"{options_where(profile)} (tensorrt)")
 
 
 def probe() -> tuple[bool, str]:

@@ -22,7 +22,6 @@ pseudo_ops; allow_flex; timeout_s.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
@@ -67,26 +66,10 @@ class Options:
 
 
 def options(profile: Any) -> Options:
-    """The profile's [options] table as typed Options; errors name the file and the key."""
-    where = f"{getattr(profile.path, 'name', profile.name)} [options]"
-    fields = {f.name: f for f in dataclasses.fields(Options)}
-    raw = dict(profile.options)
-    for key, value in raw.items():
-        if key not in fields:
-            raise UsageError(f"{where}: unknown option {key!r} for backend tflite (allowed: {', '.join(fields)})")
-        default = fields[key].default
-        if isinstance(default, tuple):
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = type(value) is type(default)
-        if not ok:
-            raise UsageError(f"{where}: option {key!r} must be {type(default).__name__}, not {value!r}")
-    try:
-        return Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    except ValueError as e:
-        raise UsageError(f"{where}: {e}") from None
+    """The profile's [options] table as typed `Options`; errors name the file and the key."""
+    from edgecomp.tomlconf import options_where, typed
+
+    return typed(Options, profile.options, f"{options_where(profile)} (tflite)")
 
 
 def probe() -> tuple[bool, str]:
