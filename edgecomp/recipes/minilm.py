@@ -36,27 +36,7 @@ def corpus(recipe: Recipe) -> dict[str, list[str]]:
     c, v = recipe.calibration, recipe.validation
     if c + v > len(lines):
         raise UsageError(f"{path}: {len(lines)} sentences, the recipe asks for {c} + {v}")
-    train = lines[c + v:]
-    if recipe.options.get("train_extra") == "python-docs":
-        train += python_docs_sentences()
-    return {"calibration": lines[:c], "validation": lines[c:c + v], "train": train}
-
-
-def python_docs_sentences() -> list[str]:
-    """More unlabelled English for distillation, offline: the prose sentences of the language reference
-    that every CPython ships (`pydoc_data.topics`), without code, markup or fragments. It only trains:
-    calibration and validation stay on the shipped corpus."""
-    import re
-
-    from pydoc_data.topics import topics
-
-    text = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics)))
-    out = []
-    for s in re.split(r"(?<=[.!?])\s+", text):
-        s = s.strip()
-        if 6 <= len(s.split()) <= 40 and s[0].isupper() and not any(c in s for c in "*=()[]{}:<>`|_\\"):
-            out.append(s)
-    return sorted(set(out))
+    return {"calibration": lines[:c], "validation": lines[c:c + v], "train": lines[c + v:]}
 
 
 def tokenizer() -> Any:
