@@ -37,7 +37,7 @@ def main() -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edgecomp.backends.onnxruntime import OrtRunner
-    from edgecomp.bench import latency
+    from edgecomp.bench import interleaved
     from edgecomp.pipeline import BuildRequest, build
     from edgecomp.reference import TorchRunner
     from edgecomp.validate import parity, run_all
@@ -68,9 +68,10 @@ def main() -> int:
         ref = run_all(eager, samples.validation)
         result: dict = {"threads": args.threads, "validation_samples": len(samples.validation),
                         "cpu": report["environment"]["cpu"], "versions": report["environment"]["versions"], "runners": {}}
-        for name, runner in runners.items():
+        settings = {"warmup": 20, "runs": args.runs, "min_seconds": 3.0}
+        lats = interleaved([(r, settings) for r in runners.values()], feed, rounds=6)  # ratios from one stretch of time
+        for (name, runner), lat in zip(runners.items(), lats):
             par = parity(ref, run_all(runner, samples.validation))["outputs"]["sentence_embedding"]
-            lat = latency(runner, feed, warmup=20, runs=args.runs, min_seconds=3.0)
             result["runners"][name] = {"cosine_mean": par["cosine_mean"], "cosine_min": par["cosine_min"],
                                        "p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "runs": lat["runs"],
                                        "size_mb": (artifact.stat().st_size if name.startswith("edgecomp") else
