@@ -2,7 +2,7 @@
 
 Each recipe is built once per module (the builds are the slow part); the tests read its report.
 Figures asserted are the issue's: fp32 max abs <= 1e-4 against PyTorch, MiniLM dynamic INT8
-cosine >= 0.99, digits static INT8 top-1 agreement >= 99 %.
+cosine >= 0.995 mean and >= 0.98 min, digits static INT8 top-1 agreement >= 99 %.
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def test_minilm_int8_cosine_and_latency(minilm: tuple[Path, dict[str, Any], floa
     emb = t["parity"]["outputs"]["sentence_embedding"]
     assert t["precision_executed"] == "int8-dynamic"
     assert t["parity"]["samples"] == 96  # the whole validation split
-    assert emb["cosine_mean"] >= 0.99
-    assert [p["pass"] for p in t["passes"]] == ["export", "quantize-dynamic"] and t["passes"][1]["per_channel"] is True
+    assert emb["cosine_mean"] >= 0.995 and emb["cosine_min"] >= 0.98  # SmoothQuant + per-channel (issue 6)
+    assert [p["pass"] for p in t["passes"]] == ["export", "smoothquant", "quantize-dynamic"] and t["passes"][2]["per_channel"] is True
     assert t["meta"]["int8_compute_ops"] > 0
     lat = t["latency"]
     assert lat["ratio_to_reference"] > 0 and 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]

@@ -59,7 +59,7 @@ def make_params(name: str, options: dict[str, Any], where: str = "") -> Any:
     """Build a pass's `Params` from TOML/CLI options; errors name the bad key or value."""
     from edgecomp.tomlconf import typed
 
-    return typed(pass_module(name).Params, options, where or f"pass {name}")
+    return typed(pass_module(name).Params, options, f"{where} (pass {name})" if where else f"pass {name}")
 
 
 def choice(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
