@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,19 @@ from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 
 CURVE_POINTS = 200  # loss curves in records are downsampled to at most this many points
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Options every shrinking pass shares: a recovery fine-tune by distillation from the model as it
+    was before the pass (0 epochs and 0 steps: none)."""
+
+    recover_epochs: int = 0
+    recover_steps: int = 0
+    batch_size: int = 32
+    lr: float = 1e-4
+    seed: int = -1  # -1: the build's seed
+    checkpoint_dir: str = ""
 
 
 def torch_module(model: ModelHandle, pass_name: str) -> Any:

@@ -20,23 +20,17 @@ from typing import Any
 
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
-from edgecomp.passes._torch_util import Clock, clone, linear_conv_macs, record, stats, torch_module
+from edgecomp.passes._torch_util import Clock, Recovery, clone, linear_conv_macs, record, stats, torch_module
 from edgecomp.passes.context import PassContext
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Recovery):
     ratio: float = 0.5
     energy: float = 0.0
     include: tuple[str, ...] = ()  # module-name substrings: only these layers (default: every Linear)
     exclude: tuple[str, ...] = ()
     embeddings: bool = False
-    recover_epochs: int = 0
-    recover_steps: int = 0
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = -1
-    checkpoint_dir: str = ""
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1 or not 0 <= self.energy < 1:

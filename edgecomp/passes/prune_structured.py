@@ -30,14 +30,14 @@ from typing import Any
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 from edgecomp.passes import choice
-from edgecomp.passes._torch_util import Clock, clone, find_transformer, linear_conv_macs, record, stats, torch_module
+from edgecomp.passes._torch_util import Clock, Recovery, clone, find_transformer, linear_conv_macs, record, stats, torch_module
 from edgecomp.passes.context import PassContext
 
 KINDS = ("heads", "neurons", "channels")
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Recovery):
     ratio: float = 0.25
     heads_ratio: float = -1.0  # -1: ratio
     neurons_ratio: float = -1.0
@@ -48,13 +48,6 @@ class Params:
     score_batches: int = 8
     compensate: bool = True  # fold removed units' mean output (on training data) into the next bias
     drop_layers: tuple[int, ...] = ()
-    # recovery by distillation from the unpruned model (0 and 0: none)
-    recover_epochs: int = 0
-    recover_steps: int = 0
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = -1
-    checkpoint_dir: str = ""
     resume: str = ""
 
     def __post_init__(self) -> None:

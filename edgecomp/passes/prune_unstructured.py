@@ -22,12 +22,12 @@ from typing import Any
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 from edgecomp.passes import choice
-from edgecomp.passes._torch_util import Clock, clone, record, stats, torch_module
+from edgecomp.passes._torch_util import Clock, Recovery, clone, record, stats, torch_module
 from edgecomp.passes.context import PassContext
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Recovery):
     sparsity: float = 0.5
     scope: str = "global"  # global: one threshold over all pruned layers; layer: the same sparsity in each
     schedule: str = "oneshot"  # oneshot | iterative
@@ -35,13 +35,6 @@ class Params:
     rewind: bool = False
     rewind_step: int = 0
     exclude: tuple[str, ...] = ()  # module-name substrings left dense (e.g. "classifier")
-    # fine-tune after each prune (iterative / rewind; also after a one-shot prune when given)
-    recover_epochs: int = 0
-    recover_steps: int = 0
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = -1
-    checkpoint_dir: str = ""
 
     def __post_init__(self) -> None:
         choice("scope", self.scope, ("layer", "global"))

@@ -15,20 +15,14 @@ from typing import Any
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 from edgecomp.passes import choice
-from edgecomp.passes._torch_util import Clock, clone, find_transformer, linear_conv_macs, record, stats, torch_module
+from edgecomp.passes._torch_util import Clock, Recovery, clone, find_transformer, linear_conv_macs, record, stats, torch_module
 from edgecomp.passes.context import PassContext
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Recovery):
     group_size: int = 2
     init: str = "first"  # first | mean
-    recover_epochs: int = 0
-    recover_steps: int = 0
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = -1
-    checkpoint_dir: str = ""
 
     def __post_init__(self) -> None:
         choice("init", self.init, ("first", "mean"))
