@@ -22,18 +22,20 @@ def latency(runner: Any, feed: dict[str, np.ndarray], warmup: int = 10, runs: in
     return _summary(_timed(runner, feed, runs, min_seconds, max_seconds), warmup)
 
 
-def interleaved(runners: list[tuple[Any, dict[str, Any]]], feed: dict[str, np.ndarray], rounds: int = 5) -> list[dict[str, float]]:
+def interleaved(runners: list[tuple[Any, dict[str, Any]]], feed: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+                rounds: int = 5) -> list[dict[str, float]]:
     """Latency of several runners (each with its profile's bench settings) measured in alternation:
     each round gives every runner 1/rounds of its runs. A machine that slows down during the
     measurement (another process, a noisy neighbour) slows them all alike, so the ratios between
-    them hold even where the absolute figures drift."""
-    for runner, b in runners:
+    them hold even where the absolute figures drift. `feed`: one for all, or one per runner."""
+    feeds = feed if isinstance(feed, list) else [feed] * len(runners)
+    for (runner, b), f in zip(runners, feeds):
         for _ in range(int(b["warmup"])):
-            runner(feed)
+            runner(f)
     times: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
         for i, (runner, b) in enumerate(runners):
-            times[i] += _timed(runner, feed, -(-int(b["runs"]) // rounds), float(b["min_seconds"]) / rounds,
+            times[i] += _timed(runner, feeds[i], -(-int(b["runs"]) // rounds), float(b["min_seconds"]) / rounds,
                                float(b.get("max_seconds", 30.0)) / rounds)
     out = [_summary(t, int(b["warmup"])) for t, (_, b) in zip(times, runners)]
     for o in out:

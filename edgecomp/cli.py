@@ -218,10 +218,10 @@ def validate(artifact: Path, threads: int | None, as_json: bool) -> int:
 @click.option("--min-seconds", type=click.FloatRange(0), default=1.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(artifacts: tuple[Path, ...], threads: int | None, warmup: int, runs: int, min_seconds: float, as_json: bool) -> int:
-    """Measure latency of one or more ARTIFACT folders in one run; ratios are to the first."""
-    from edgecomp.artifact import bench_artifact
+    """Measure latency of one or more ARTIFACT folders in one run, interleaved; ratios are to the first."""
+    from edgecomp.artifact import bench_artifacts
 
-    results = [bench_artifact(a, threads, warmup, runs, min_seconds) for a in artifacts]
+    results = bench_artifacts(list(artifacts), threads, warmup, runs, min_seconds)
     base = results[0]["latency"]["p50_ms"]
     for r in results:
         r["latency"]["ratio_to_first"] = r["latency"]["p50_ms"] / base
