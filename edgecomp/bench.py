@@ -32,15 +32,30 @@ def interleaved(runners: list[tuple[Any, dict[str, Any]]], feed: dict[str, np.nd
     for (runner, b), f in zip(runners, feeds):
         for _ in range(int(b["warmup"])):
             runner(f)
-    times: list[list[float]] = [[] for _ in runners]
+    per_round: list[list[list[float]]] = [[] for _ in runners]
     for _ in range(rounds):
         for i, (runner, b) in enumerate(runners):
-            times[i] += _timed(runner, feeds[i], -(-int(b["runs"]) // rounds), float(b["min_seconds"]) / rounds,
-                               float(b.get("max_seconds", 30.0)) / rounds)
-    out = [_summary(t, int(b["warmup"])) for t, (_, b) in zip(times, runners)]
-    for o in out:
+            per_round[i].append(_timed(runner, feeds[i], -(-int(b["runs"]) // rounds), float(b["min_seconds"]) / rounds,
+                                       float(b.get("max_seconds", 30.0)) / rounds))
+    out = []
+    for r, (_, b) in zip(per_round, runners):
+        o = _summary([t for ts in r for t in ts], int(b["warmup"]))
         o["rounds"] = rounds
+        o["round_p50_ms"] = [float(np.percentile(np.array(ts) * 1e3, 50)) for ts in r]
+        out.append(o)
     return out
+
+
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its two-sided confidence interval (Student's t): how far repeated rounds let a figure move
+    by noise alone. One value gives an interval of zero width."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), float(v.mean()), float(v.mean())
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
 
 
 def _timed(runner: Any, feed: dict[str, np.ndarray], runs: int, min_seconds: float, max_seconds: float) -> list[float]:
@@ -55,11 +70,15 @@ def _timed(runner: Any, feed: dict[str, np.ndarray], runs: int, min_seconds: flo
     return times
 
 
-def _summary(times: list[float], warmup: int) -> dict[str, float]:
+DISTRIBUTION_POINTS = 101  # quantiles kept of every measurement: enough for a histogram or box plot
+
+
+def _summary(times: list[float], warmup: int) -> dict[str, Any]:
     ms = np.array(times) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
-            "runs": len(times), "warmup": int(warmup)}
+            "runs": len(times), "warmup": int(warmup),
+            "distribution_ms": [round(float(q), 4) for q in np.percentile(ms, np.linspace(0, 100, DISTRIBUTION_POINTS))]}
 
 
 def rss_mb() -> float:

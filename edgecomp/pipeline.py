@@ -172,10 +172,14 @@ def _measure(report: dict[str, Any], runners: list[Any], profiles: list[Profile]
     from edgecomp.bench import interleaved
     from edgecomp.validate import verdict
 
+    from edgecomp.bench import mean_ci
+
     lats = interleaved(list(zip(runners, [profiles[0].bench, *(p.bench for p in profiles)])), feed)
     report["reference"]["latency"] = lats[0]
     for target, lat, profile in zip(report["targets"], lats[1:], profiles):
         lat["ratio_to_reference"] = lat["p50_ms"] / lats[0]["p50_ms"]
+        lat["round_ratios"] = [t / r for t, r in zip(lat["round_p50_ms"], lats[0]["round_p50_ms"])]
+        lat["ratio_ci95"] = list(mean_ci(lat["round_ratios"])[1:])
         target["latency"] = lat
         target["verdict"] = verdict(target["parity"], profile.budget, lat["ratio_to_reference"])
 

@@ -14,7 +14,9 @@ Schema `edgecomp.report/1` (stable keys; new keys may be added, none removed wit
                runtime {runtime, version, ...}, load {load_s, rss_added_mb}, peak_rss_mb,
                parity {samples, outputs {NAME: {max_abs, mean_abs, cosine_mean, cosine_min, sqnr_db,
                        [top1_agreement, accuracy, reference_accuracy, accuracy_drop]}}},
-               latency {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, runs, warmup, ratio_to_reference},
+               latency {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, runs, warmup, rounds, round_p50_ms [per round],
+                        distribution_ms [101 quantiles, 0..100 %], ratio_to_reference, round_ratios,
+                        ratio_ci95 [lo, hi] (95 % interval of the per-round ratios)},
                verdict {ok, checks [{metric, value, limit, op, ok}], not_applicable [..]},
                build_seconds, meta {backend-specific: layout, converter, ...}
 """
@@ -94,6 +96,9 @@ SUMMARY_HEADER = ["target", "precision", "size", "parity", "p50", "vs ref", "ver
 def write(report: dict[str, Any], folder: Path) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     (folder / "report.md").write_text(markdown(report))
+    from edgecomp import report_html  # imports this module: not at the top
+
+    (folder / "report.html").write_text(report_html.render(report))
 
 
 def _json_default(o: Any) -> Any:
