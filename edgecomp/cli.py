@@ -76,6 +76,11 @@ def _input_option(f: Any) -> Any:
                         help="Input signature for formats that lack one (TorchScript, pickles), e.g. image:1x1x8x8:float32.")(f)
 
 
+def _baseline_option(f: Any) -> Any:
+    return click.option("--baseline", type=click.Path(path_type=Path),
+                        help="A previous release's manifest.json (or its folder): exit 1 when parity or latency regressed.")(f)
+
+
 @cli.command(epilog="Example: edgecomp build minilm --target ort-fp32 --target ort-int8 --out build/minilm")
 @click.argument("model")
 @click.option("--target", "-t", "targets", multiple=True, required=True, help="Target profile (repeatable); see `edgecomp targets`.")
@@ -89,17 +94,65 @@ def _input_option(f: Any) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice of the build.")
 @click.option("--no-bench", is_flag=True, help="Skip latency measurement (parity only).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow unpickling a full model file: this runs code from the file.")
+@_baseline_option
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Reuse and keep stage outputs here (default for build: no cache).")
+@click.option("--remeasure", is_flag=True, help="Measure latency even where the cache holds a measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def build(model: str, targets: tuple[str, ...], out: Path, samples: Path | None, recipe: str | None, inputs: tuple[str, ...],
-          pass_specs: tuple[str, ...], threads: int | None, seed: int, no_bench: bool, trust_remote_code: bool, as_json: bool) -> int:
+          pass_specs: tuple[str, ...], threads: int | None, seed: int, no_bench: bool, trust_remote_code: bool,
+          baseline: Path | None, cache_dir: Path | None, remeasure: bool, as_json: bool) -> int:
     """Build MODEL (a file, folder, or recipe name) for each --target, then validate and benchmark it."""
     from edgecomp.load import parse_input_specs
     from edgecomp.passes import parse_pass_spec
-    from edgecomp.pipeline import BuildRequest, build as run_build
+    from edgecomp.pipeline import BuildRequest
 
     req = BuildRequest(model=model, targets=targets, out=out, samples=samples, recipe=recipe,
                        inputs=parse_input_specs(inputs), passes=tuple(parse_pass_spec(p) for p in pass_specs), threads=threads, seed=seed, trust_remote_code=trust_remote_code,
-                       bench=not no_bench, command=["edgecomp", *sys.argv[1:]])
+                       bench=not no_bench, command=["edgecomp", *sys.argv[1:]], cache=cache_dir, remeasure=remeasure,
+                       baseline=baseline)
+    return _run(req, f"edgecomp build {model}", as_json)
+
+
+@cli.command(epilog="Example: edgecomp release edgecomp.toml --baseline previous/manifest.json")
+@click.argument("build_file", type=click.Path(path_type=Path), default="edgecomp.toml")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder (default: the build file's `out`).")
+@_baseline_option
+@click.option("--no-cache", is_flag=True, help="Make every stage afresh and keep nothing.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Stage cache (default: $EDGECOMP_CACHE/stages or ~/.cache/edgecomp/stages).")
+@click.option("--remeasure", is_flag=True, help="Measure latency even where the cache holds a measurement.")
+@click.option("--no-bench", is_flag=True, help="Skip latency measurement (parity only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def release(build_file: Path, out: Path | None, baseline: Path | None, no_cache: bool, cache_dir: Path | None,
+            remeasure: bool, no_bench: bool, as_json: bool) -> int:
+    """Run a build file (edgecomp.toml): the target matrix, cached stage by stage, with OUT/manifest.json,
+    OUT/report.html and, with --baseline, the regression gate (exit 1 names the target that regressed).
+
+    \b
+    The schema is documented in edgecomp/buildfile.py and the README; minimal file:
+      schema = 1
+      out = "build/release"
+      [model]
+      source = "minilm"
+      [[targets]]
+      profile = "ort-int8"
+    """
+    import dataclasses
+
+    from edgecomp.buildfile import load_build_file
+    from edgecomp.cache import default_root
+
+    req = load_build_file(build_file, out, ["edgecomp", *sys.argv[1:]])
+    req = dataclasses.replace(req, cache=None if no_cache else (cache_dir or default_root()), remeasure=remeasure,
+                              baseline=baseline, bench=not no_bench)
+    return _run(req, f"edgecomp release {build_file}", as_json)
+
+
+def _run(req: Any, title: str, as_json: bool) -> int:
+    """Build, print the summary (or the JSON report), and turn a missed budget or a regression into exit 1."""
+    from edgecomp.pipeline import build as run_build
+    from edgecomp.release import failures
+
     if as_json:
         report = run_build(req)
         _echo_json(report)
@@ -114,14 +167,18 @@ def build(model: str, targets: tuple[str, ...], out: Path, samples: Path | None,
             report = run_build(req)
         from edgecomp.report import SUMMARY_HEADER, summary_rows
 
-        _table(f"edgecomp build {model}", SUMMARY_HEADER, summary_rows(report))
+        _table(title, SUMMARY_HEADER, summary_rows(report))
         if report["data"]["synthetic"]:
             click.echo(f"warning: {report['data']['note']}", err=True)
-        click.echo(f"report: {out / 'report.md'} (and report.json)")
+        stages = report["cache"]["stages"]
+        if report["cache"]["root"]:
+            click.echo(f"cache: {sum(v == 'hit' for v in stages.values())} of {len(stages)} stages reused ({report['cache']['root']})")
+        if report.get("gate"):
+            g = report["gate"]
+            click.echo(f"gate: {'PASS' if g['ok'] else 'FAIL'}, {len(g['checks'])} checks against {g['baseline']}")
+        click.echo(f"report: {req.out / 'report.md'} (and report.json, report.html, manifest.json)")
     if not report["ok"]:
-        failed = [f"{t['target']} {c['metric']} {c['value']:.4g} (limit {c['op']} {c['limit']:g})"
-                  for t in report["targets"] for c in t["verdict"]["checks"] if not c["ok"]]
-        click.echo("edgecomp: build over budget: " + "; ".join(failed), err=True)
+        click.echo("edgecomp: build over budget or regressed: " + "; ".join(failures(report)), err=True)
         return 1
     return 0
 

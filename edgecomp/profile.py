@@ -45,12 +45,30 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
 
 
-def load_profile(name: str) -> Profile:
+OVERRIDABLE = {"threads", "passes", "budget", "bench", "options", "description"}
+
+
+def load_profile(name: str, overrides: dict[str, Any] | None = None, alias: str | None = None,
+                 where: str | None = None) -> Profile:
+    """A profile by name (or path to a .toml). `overrides` (a build file's per-target table) replace
+    `threads`, `passes` and `description`, and are merged key by key into `budget`, `bench` and
+    `options`; the result is checked exactly like a profile file, so a bad override is named too."""
     path = Path(name) if name.endswith(".toml") else TARGETS_DIR / f"{name}.toml"
     if not path.is_file():
         raise UsageError(f"unknown target {name!r} (known: {', '.join(profile_names())})")
     d = read_toml(path)
-    where = path.name
+    where = where or path.name
+    if overrides:
+        check_keys(where, overrides, OVERRIDABLE)
+        for key, value in overrides.items():
+            if key in ("budget", "bench", "options"):
+                if not isinstance(value, dict):
+                    raise UsageError(f"{where}: {key} must be a table, not {value!r}")
+                d[key] = d.get(key, {}) | value
+            else:
+                d[key] = value
+    if alias:
+        d["name"] = alias
     check_keys(where, d, {"schema", "name", "description", "backend", "precision", "threads", "passes", "budget", "bench", "options"},
                {"schema", "backend", "precision", "budget"})
     if d["schema"] != 1:

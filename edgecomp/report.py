@@ -8,6 +8,10 @@ Schema `edgecomp.report/1` (stable keys; new keys may be added, none removed wit
                calibration_samples, validation_samples
   seeds:       {build, recipe}
   environment: python, platform, machine, cpu, cores, versions {numpy, onnx, onnxruntime, torch, ...}
+  build_file:  {path, sha256} when the build came from a build file (edgecomp release), else null
+  cache:       {root, stages {"source/source" | "target/NAME" | "latency/all": "hit" | "miss" | "off"}}
+  gate:        (with --baseline) {baseline, baseline_created, settings, checks [{target, check, baseline, value,
+               change, limit, ok, [noise]}], new_targets, missing_targets, ok}; see edgecomp/release.py
   reference:   kind ("torch-eager" | "onnxruntime-fp32"), runtime {...}, latency {p50_ms, p90_ms, p99_ms, ...}
   targets[]:   target, backend, description, precision_requested, precision_executed, threads,
                artifact {folder, size_bytes, files [{name, bytes, sha256}]}, passes [{pass, ...params}],
@@ -18,7 +22,10 @@ Schema `edgecomp.report/1` (stable keys; new keys may be added, none removed wit
                         distribution_ms [101 quantiles, 0..100 %], ratio_to_reference, round_ratios,
                         ratio_ci95 [lo, hi] (95 % interval of the per-round ratios)},
                verdict {ok, checks [{metric, value, limit, op, ok}], not_applicable [..]},
-               build_seconds, meta {backend-specific: layout, converter, ...}
+               build_seconds, meta {backend-specific: layout, converter, ...}, cache ("hit" | "miss" | "off"),
+               stage_key (the target stage's cache key)
+Beside it, OUT/manifest.json (schema edgecomp.release/1, edgecomp/release.py): the same, less what
+changes from run to run.
 """
 
 from __future__ import annotations
@@ -94,7 +101,10 @@ SUMMARY_HEADER = ["target", "precision", "size", "parity", "p50", "vs ref", "ver
 
 
 def write(report: dict[str, Any], folder: Path) -> None:
+    from edgecomp.release import manifest
+
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (folder / "manifest.json").write_text(json.dumps(manifest(report), indent=2, default=_json_default) + "\n")
     (folder / "report.md").write_text(markdown(report))
     from edgecomp import report_html  # imports this module: not at the top
 
@@ -122,6 +132,21 @@ def markdown(report: dict[str, Any]) -> str:
              f"- verdict: **{'PASS' if report['ok'] else 'FAIL'}**", ""]
     if d["synthetic"]:
         lines += [f"> **Warning:** {d['note']}", ""]
+    stages = (report.get("cache") or {}).get("stages") or {}
+    if report.get("cache", {}).get("root"):
+        hits = sorted(k for k, v in stages.items() if v == "hit")
+        lines += [f"- cache: {report['cache']['root']}: {len(hits)} of {len(stages)} stages reused"
+                  + (f" ({', '.join(hits)})" if hits else ""), ""]
+    if report.get("gate"):
+        g = report["gate"]
+        lines += [f"## Regression gate: {'PASS' if g['ok'] else '**FAIL**'} against `{g['baseline']}` ({g['baseline_created']})", "",
+                  "| target | check | baseline | now | change | limit | ok |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['target']} | {c['check']} | {c['baseline']:.5g} | {c['value']:.5g} | {c['change']:+.4g}"
+                  f"{' ± ' + format(c['noise'], '.3g') if 'noise' in c else ''} | {c['limit']:g} | {'yes' if c['ok'] else '**no**'} |"
+                  for c in g["checks"]]
+        if g["new_targets"]:
+            lines.append(f"\nnot in the baseline (nothing to compare): {', '.join(g['new_targets'])}")
+        lines.append("")
     lines += ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
     for t in report["targets"]:

@@ -22,6 +22,9 @@ class Artifact:
     backend: str
     files: dict[str, str]  # role -> file name inside folder ("model": "model.onnx")
     meta: dict[str, Any] = field(default_factory=dict)  # layout, executed precision hints, converter path
+    # How long lowering steps took: the report keeps them, the manifest does not, so that the same
+    # inputs give the same manifest.json byte for byte.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def path(self, role: str = "model") -> Path:
         return self.folder / self.files[role]

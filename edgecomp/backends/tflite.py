@@ -170,8 +170,7 @@ def lower(model: ModelHandle, profile: Any, folder: Path, ctx: Any) -> Artifact:
     meta = {
         "executed_precision": precision, **counts,
         "converter": {"path": "onnx2tf", "steps": ["static-shapes", "onnxslim", "onnx2tf", "tflite-converter"],
-                      "versions": result["versions"], "pseudo_ops": list(opts.pseudo_ops), "slim": result["slim"],
-                      "seconds": {k: round(v, 2) for k, v in result["timings"].items()}},
+                      "versions": result["versions"], "pseudo_ops": list(opts.pseudo_ops), "slim": result["slim"]},
         "quantization": {"mode": opts.quantize, "io_dtype": opts.io_dtype if opts.quantize == "int8" else "float32",
                          "per_channel": opts.per_channel,
                          "calibration_samples": len(calibration) if opts.quantize == "int8" else 0},
@@ -180,7 +179,7 @@ def lower(model: ModelHandle, profile: Any, folder: Path, ctx: Any) -> Artifact:
         "ops": tflite_ops.histogram(ops),
         "layout": _layout(result["io"], shapes),
     }
-    return Artifact(folder, "tflite", {"model": "model.tflite"}, meta)
+    return Artifact(folder, "tflite", {"model": "model.tflite"}, meta, {k: round(v, 2) for k, v in result["timings"].items()})
 
 
 def _layout(io: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Any]:
