@@ -24,6 +24,7 @@ Schema 1 (flat: model, passes, targets, gate; relative paths are relative to the
     threads = 2                           # optional overrides: threads, passes, description replace;
     budget = { cosine_mean = 0.996 }      #   budget, bench and options merge key by key
     bench = { runs = 300 }
+    diff = true                           # optional: per-layer error against the source graph, in report.html
 
     [gate]                                # regression gate against `--baseline` (edgecomp.release)
     parity_drop = 0.002
@@ -45,7 +46,7 @@ from edgecomp.tomlconf import check_keys, read_toml, typed
 
 DEFAULT_NAME = "edgecomp.toml"
 _MODEL_KEYS = {"source", "samples", "recipe", "inputs", "seed", "threads", "trust_remote_code"}
-_TARGET_KEYS = {"profile", "name", "threads", "passes", "budget", "bench", "options", "description"}
+_TARGET_KEYS = {"profile", "name", "threads", "passes", "budget", "bench", "options", "description", "diff"}
 
 
 def load_build_file(path: Path, out: Path | None = None, command: list[str] | None = None) -> Any:
@@ -93,7 +94,7 @@ def load_build_file(path: Path, out: Path | None = None, command: list[str] | No
     if out is None:
         if "out" not in d:
             raise UsageError(f"{where}: no out folder: set out = \"...\" or pass --out")
-        out = base / d["out"]
+        out = (base / d["out"]).resolve()
     if m.get("threads") is not None and m["threads"] < 1:
         raise UsageError(f"{where} [model]: threads must be a positive integer, not {m['threads']!r}")
     return BuildRequest(

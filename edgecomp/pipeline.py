@@ -341,7 +341,7 @@ def _target(src: Source, profile: Profile, backend: Any, stage: Path, work: Path
 
     threads = req.threads or profile.threads
     k = key("target", src.key, profile.name, profile.backend, profile.precision, profile.passes, profile.options,
-            profile.budget, threads, toolchain())
+            profile.budget, profile.diff, threads, toolchain())
     hit = cache.get("target", k, profile.name)
     folder = stage / profile.name
     if hit is not None:
@@ -361,6 +361,8 @@ def _target(src: Source, profile: Profile, backend: Any, stage: Path, work: Path
     else:
         entry, built = _build_target(src.model, profile, backend, stage, work, src.samples, src.ref_outputs, src.task,
                                      req, src.recipe)
+        if profile.diff:
+            entry["diff"] = _diff(src, folder, threads)
         cache.put("target", k, {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}, {"entry": entry})
 
         def runner() -> Any:
@@ -368,6 +370,18 @@ def _target(src: Source, profile: Profile, backend: Any, stage: Path, work: Path
     entry["cache"] = cache.events[f"target/{profile.name}"]
     entry["stage_key"] = k
     return entry, runner
+
+
+def _diff(src: Source, folder: Path, threads: int) -> dict[str, Any]:
+    """Layer-by-layer error of the artifact against the graph it was lowered from, on the first validation
+    sample; a runtime that cannot expose its intermediate tensors is noted, not an error."""
+    from edgecomp.diff import diff
+
+    try:
+        result = diff(src.model.onnx_path, folder, src.samples.validation[0], threads)
+    except UsageError as e:
+        return {"skipped": str(e)}
+    return result | {"a": "source graph", "b": folder.name}
 
 
 def _latency(report: dict[str, Any], src: Source, runners: list[Callable[[], Any]], profiles: list[Profile],

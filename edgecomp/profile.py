@@ -39,13 +39,14 @@ class Profile:
     bench: dict[str, float] = field(default_factory=lambda: {"warmup": 10, "runs": 100, "min_seconds": 1.0})
     options: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    diff: bool = False  # also compare the artifact layer by layer with the source graph (`edgecomp diff`)
 
 
 def profile_names() -> list[str]:
     return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
 
 
-OVERRIDABLE = {"threads", "passes", "budget", "bench", "options", "description"}
+OVERRIDABLE = {"threads", "passes", "budget", "bench", "options", "description", "diff"}
 
 
 def load_profile(name: str, overrides: dict[str, Any] | None = None, alias: str | None = None,
@@ -69,8 +70,10 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None, alias: str 
                 d[key] = value
     if alias:
         d["name"] = alias
-    check_keys(where, d, {"schema", "name", "description", "backend", "precision", "threads", "passes", "budget", "bench", "options"},
-               {"schema", "backend", "precision", "budget"})
+    check_keys(where, d, {"schema", "name", "description", "backend", "precision", "threads", "passes", "budget", "bench",
+                          "options", "diff"}, {"schema", "backend", "precision", "budget"})
+    if not isinstance(d.get("diff", False), bool):
+        raise UsageError(f"{where}: diff must be true or false, not {d['diff']!r}")
     if d["schema"] != 1:
         raise UsageError(f"{where}: unsupported schema {d['schema']!r} (this edgecomp reads schema 1)")
     from edgecomp.backends import BACKENDS
@@ -91,4 +94,5 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None, alias: str 
     if not isinstance(threads, int) or threads < 1:
         raise UsageError(f"{where}: threads must be a positive integer, not {threads!r}")
     return Profile(d.get("name", path.stem), d.get("description", ""), d["backend"], d["precision"], threads,
-                   passes, {k: float(v) for k, v in d["budget"].items()}, bench, d.get("options", {}), path)
+                   passes, {k: float(v) for k, v in d["budget"].items()}, bench, d.get("options", {}), path,
+                   d.get("diff", False))

@@ -248,3 +248,42 @@ def test_training_and_calibration_are_reproducible_byte_for_byte(tmp_path: Path)
     assert {f["name"] for f in shas[0][1]["tflite-int8"]} >= {"model.tflite", "manifest.json"}
     pruned = manifest(tmp_path / "a")["targets"][0]["passes"][0]
     assert pruned["pass"] == "prune-structured" and pruned["params_after"] < pruned["params_before"]
+
+
+def test_diff_in_a_release_reaches_the_report(tiny_onnx: Path, tiny_samples: Path, tmp_path: Path) -> None:
+    bf = write_build_file(tmp_path, tiny_onnx, tiny_samples)
+    bf.write_text(bf.read_text().replace('profile = "ort-int8"\n', 'profile = "ort-int8"\ndiff = true\n')
+                  .replace('profile = "tflite-fp32"\n', 'profile = "tflite-fp32"\ndiff = true\n'))
+    r = run_cli("release", bf, "--no-cache", "--no-bench", "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    targets = {t["target"]: t for t in report(tmp_path / "out")["targets"]}
+    assert "diff" not in targets["ort-fp32"]
+    d = targets["ort-int8"]["diff"]
+    assert d["matched"] >= 2 and all(row["cosine"] > 0.99 for row in d["tensors"])
+    assert "cannot look inside tflite" in targets["tflite-fp32"]["diff"]["skipped"]
+    assert "Per-layer error" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_example_pipeline_and_build_file_are_valid() -> None:
+    """tools/release/: the build file resolves to real profiles, and every `edgecomp` command in the CI
+    example uses only options that `edgecomp release` has."""
+    import re
+
+    import yaml
+
+    from edgecomp.pipeline import resolve_targets
+
+    req = load_build_file(ROOT / "tools" / "release" / "edgecomp.toml")
+    profiles = resolve_targets(req.targets)
+    assert [p.name for p in profiles] == ["ort-fp32", "ort-int8", "openvino-int8", "tflite-arm"]
+    assert profiles[3].budget["cosine_mean"] == 0.995 and profiles[1].diff
+    assert req.out == (ROOT / "build" / "release").resolve()
+    flow = yaml.safe_load((ROOT / "tools" / "release" / "github-actions.yml").read_text())
+    steps = [s for job in flow["jobs"].values() for s in job["steps"]]
+    commands = [line.strip() for s in steps for line in s.get("run", "").splitlines() if line.strip().startswith("edgecomp ")]
+    assert len(commands) == 2
+    help_text = run_cli("release", "--help").stdout
+    for command in commands:
+        for flag in re.findall(r"(--[a-z-]+)", command):
+            assert flag in help_text, flag
+    assert any("edge_bench.py" in s.get("run", "") for s in steps)
