@@ -126,7 +126,8 @@ def test_minilm_int8_cosine_and_latency(minilm: tuple[Path, dict[str, Any], floa
     assert t["precision_executed"] == "int8-dynamic"
     assert t["parity"]["samples"] == 96  # the whole validation split
     assert emb["cosine_mean"] >= 0.995 and emb["cosine_min"] >= 0.98  # SmoothQuant + per-channel (issue 6)
-    assert [p["pass"] for p in t["passes"]] == ["export", "smoothquant", "quantize-dynamic"] and t["passes"][2]["per_channel"] is True
+    assert [p["pass"] for p in t["passes"]] == ["export", "fuse-transformer", "smoothquant", "quantize-dynamic"]
+    assert t["passes"][3]["per_channel"] is True and t["passes"][1]["fused"]["Attention"] == 6  # one per layer
     assert t["meta"]["int8_compute_ops"] > 0
     lat = t["latency"]
     assert lat["ratio_to_reference"] > 0 and 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]

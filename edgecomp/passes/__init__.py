@@ -32,6 +32,8 @@ PASSES: dict[str, PassInfo] = {
                                 "INT8 weights and activations (QDQ), ranges calibrated on the calibration split"),
     "smoothquant": PassInfo("edgecomp.passes.smoothquant", "graph", ("onnxruntime",),
                             "SmoothQuant: per-channel scales move activation outliers into MatMul weights (exact in float)"),
+    "fuse-transformer": PassInfo("edgecomp.passes.fuse_transformer", "graph", ("onnxruntime",),
+                                 "transformer fusion for ORT's CPU kernels (Attention, Gelu, EmbedLayerNorm; Add + LayerNorm kept apart)"),
     "mixed-precision": PassInfo("edgecomp.passes.mixed_precision", "graph", ("onnxruntime",),
                                 "INT8 with the fewest layers kept in fp32 that meet a cosine target (error attribution)"),
     "distill": PassInfo("edgecomp.passes.distill", "torch", ("torch",),

@@ -12,7 +12,10 @@ splits it evenly; larger alpha moves more into the weights.
 
 The division is folded into the producer, so the graph gains no op on that path: a
 LayerNormalization with constant gamma, beta computes gamma * n + beta, and (gamma / s) * n + beta / s
-= LN(x) / s. When several MatMul/Gemm read the same LayerNorm output (attention's Q, K, V) they
+= LN(x) / s. ONNX Runtime's fused norms (SkipLayerNormalization, EmbedLayerNormalization: output 0
+is gamma * n + beta the same way) take the fold too, and a fused Attention reads its input through
+one packed [K, 3N] QKV weight, smoothed like a MatMul's; so the pass runs as well after
+`fuse-transformer` as before it. When several MatMul/Gemm read the same LayerNorm output (attention's Q, K, V) they
 share one s, with max|W_j| taken over all of their weights. Any other reader of that output (a
 residual Add, a graph output) still needs the unsmoothed tensor: it reads it back through one
 inserted Mul by s (Shape readers are moved to the smoothed tensor, whose shape is the same).
@@ -34,28 +37,31 @@ from edgecomp.model import ModelHandle
 from edgecomp.passes.context import PassContext
 
 S_MIN, S_MAX = 1e-5, 1e5
+READERS = ("MatMul", "Gemm", "Attention")
+# where gamma and beta are among each norm's inputs; output 0 is gamma * normalized + beta in all three
+NORMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3), "EmbedLayerNormalization": (5, 6)}
 
 
 @dataclass(frozen=True)
 class Params:
     alpha: float = 0.5  # 0: all difficulty stays in the activations, 1: all of it moves into the weights
-    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    op_types: tuple[str, ...] = READERS
     samples: int = 0  # calibration samples for max|x_j|; 0 = all of the calibration split
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha = {self.alpha} must be in [0, 1]")
-        unknown = set(self.op_types) - {"MatMul", "Gemm"}
+        unknown = set(self.op_types) - set(READERS)
         if unknown or not self.op_types:
-            raise ValueError(f"op_types = {list(self.op_types)} must be a non-empty subset of ['MatMul', 'Gemm']")
+            raise ValueError(f"op_types = {list(self.op_types)} must be a non-empty subset of {list(READERS)}")
         if self.samples < 0:
             raise ValueError(f"samples = {self.samples} must be >= 0")
 
 
 @dataclass
 class _Group:
-    norm: Any  # the LayerNormalization node
-    readers: list[tuple[Any, bool]]  # (MatMul/Gemm node, weight stored transposed: [N, K])
+    norm: Any  # the LayerNormalization (or fused Skip/EmbedLayerNormalization) node
+    readers: list[tuple[Any, bool]]  # (MatMul/Gemm/Attention node, weight stored transposed: [N, K])
 
 
 def _attr(node: Any, name: str, default: int) -> int:
@@ -71,7 +77,7 @@ def _constant(graph: Any, name: str) -> str:
 
 
 def _groups(graph: Any, op_types: tuple[str, ...]) -> tuple[list[_Group], list[str]]:
-    """LayerNorms whose output feeds at least one smoothable MatMul/Gemm; and why others were skipped."""
+    """Norms whose output feeds at least one smoothable MatMul/Gemm/Attention; and why others were skipped."""
     from onnx import TensorProto
 
     inits = {i.name: i for i in graph.initializer}
@@ -82,8 +88,12 @@ def _groups(graph: Any, op_types: tuple[str, ...]) -> tuple[list[_Group], list[s
             uses[name] += 1
             readers[name].append(node)
     groups, skipped = [], []
-    for norm in (n for n in graph.node if n.op_type == "LayerNormalization"):
-        params = list(norm.input[1:3])
+    for norm in (n for n in graph.node if n.op_type in NORMS and n.domain in ("", "ai.onnx", "com.microsoft")):
+        lo, hi = NORMS[norm.op_type]
+        params = list(norm.input[lo:hi + 1])
+        if len(params) < 1 or not params[0]:
+            skipped.append(f"{norm.name}: no gamma")
+            continue
         if _attr(norm, "axis", -1) != -1:
             skipped.append(f"{norm.name}: normalizes over axis {_attr(norm, 'axis', -1)}, not the last one")
             continue
@@ -131,8 +141,9 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
         x_max = stats.amax[y].astype(np.float64)
         s = np.where((x_max > 0) & (w_max > 0), x_max ** params.alpha / np.maximum(w_max, 1e-30) ** (1 - params.alpha), 1.0)
         s = np.clip(s, S_MIN, S_MAX)
-        dtype = numpy_helper.to_array(inits[_constant(graph, g.norm.input[1])]).dtype
-        for i, name in enumerate(g.norm.input[1:3], start=1):  # private copies: exporters share equal constants
+        lo, hi = NORMS[g.norm.op_type]
+        dtype = numpy_helper.to_array(inits[_constant(graph, g.norm.input[lo])]).dtype
+        for i, name in enumerate(g.norm.input[lo:hi + 1], start=lo):  # private copies: exporters share equal constants
             if name:
                 v = numpy_helper.to_array(inits[_constant(graph, name)])
                 graph.initializer.append(numpy_helper.from_array((v / s.reshape(v.shape)).astype(v.dtype), f"{name}_smoothed_{n_group}"))
