@@ -211,7 +211,12 @@ def _source_inputs(req: BuildRequest) -> dict[str, Any]:
     from edgecomp.recipe import is_recipe
 
     path = Path(req.model)
-    if path.exists():
+    if path.is_file() and path.suffix.lower() == ".onnx":  # the graph and the external-data files it names
+        try:
+            model = {"content": {n: sha256_path(f) for n, f in _onnx_files(path).items()}}
+        except Exception:  # unreadable: the loader will say why, in one line
+            model = {"content": sha256_path(path)}
+    elif path.exists():
         model = {"content": sha256_path(path)}
     elif is_recipe(req.model):
         model = {"recipe": req.model, "toml": sha256_path(MODELS_DIR / f"{req.model}.toml"),

@@ -357,6 +357,21 @@ def _loss_curves(targets: list[dict[str, Any]]) -> list[str]:
     return charts
 
 
+def _gate(g: dict[str, Any]) -> str:
+    """The regression gate against the baseline release, one row per check (as report.md)."""
+    rows = "".join(
+        f"<tr><td>{_e(c['target'])}</td><td>{_e(c['check'])}</td><td class=n>{c['baseline']:.5g}</td>"
+        f"<td class=n>{c['value']:.5g}</td><td class=n>{c['change']:+.4g}"
+        + (f" &plusmn; {c['noise']:.3g}" if "noise" in c else "")
+        + f"</td><td class=n>{c['limit']:g}</td><td class={'PASS' if c['ok'] else 'FAIL'}>{'yes' if c['ok'] else 'no'}</td></tr>"
+        for c in g["checks"])
+    new = f"<p class=small>not in the baseline: {_e(', '.join(g['new_targets']))}</p>" if g.get("new_targets") else ""
+    return (f"<h2>Regression gate <span class={'PASS' if g['ok'] else 'FAIL'}>&nbsp;{'PASS' if g['ok'] else 'FAIL'}&nbsp;</span></h2>"
+            f"<p class=small>against <code>{_e(g['baseline'])}</code> ({_e(g.get('baseline_created'))})</p>"
+            "<table><tr><th>target</th><th>check</th><th>baseline</th><th>now</th><th>change</th><th>limit</th><th>ok</th></tr>"
+            f"{rows}</table>{new}")
+
+
 def render(report: dict[str, Any], diffs: dict[str, dict[str, Any]] | None = None) -> str:
     """The whole page as one string; `diffs` maps a target name to an `edgecomp.diff.diff()` result."""
     diffs = dict(diffs or {})
@@ -366,7 +381,10 @@ def render(report: dict[str, Any], diffs: dict[str, dict[str, Any]] | None = Non
     ok = report.get("ok", all(t["verdict"]["ok"] for t in report["targets"]))
     parts = [f"<h1>edgecomp build: {_e(report['model']['name'])} <span class={'PASS' if ok else 'FAIL'}>"
              f"&nbsp;{'PASS' if ok else 'FAIL'}&nbsp;</span></h1>", _metadata(report),
-             "<h2>Summary</h2>", _summary(report), "<h2>Latency and parity</h2>", *_latency_charts(report)]
+             "<h2>Summary</h2>", _summary(report)]
+    if report.get("gate"):
+        parts.append(_gate(report["gate"]))
+    parts += ["<h2>Latency and parity</h2>", *_latency_charts(report)]
     if diffs:
         parts += ["<h2>Per-layer error</h2>", *(_diff_chart(n, d) for n, d in diffs.items() if d.get("tensors"))]
     losses = _loss_curves(report["targets"])

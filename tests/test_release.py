@@ -287,3 +287,16 @@ def test_example_pipeline_and_build_file_are_valid() -> None:
         for flag in re.findall(r"(--[a-z-]+)", command):
             assert flag in help_text, flag
     assert any("edge_bench.py" in s.get("run", "") for s in steps)
+
+
+def test_gate_is_in_the_html_report(first: dict, tmp_path: Path) -> None:
+    base = copy.deepcopy(first["m1"])
+    int8 = next(t for t in base["targets"] if t["target"] == "ort-int8")
+    for metrics in int8["parity"]["outputs"].values():
+        metrics["cosine_min"] += 0.05
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(base))
+    r = release(first["bf"], "--baseline", path, "--out", tmp_path / "g", cache=first["cache"])
+    assert r.returncode == 1 and "ort-int8" in r.stderr and "cosine_min" in r.stderr
+    page = (tmp_path / "g" / "report.html").read_text()
+    assert "Regression gate" in page and page.count("<td class=FAIL>no</td>") == len(int8["parity"]["outputs"])
