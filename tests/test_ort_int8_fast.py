@@ -176,3 +176,21 @@ def test_bad_options_name_the_key() -> None:
         make_params("fuse-transformer", {"mask": "padding"})
     with pytest.raises(Exception, match="num_heads"):
         make_params("fuse-transformer", {"num_heads": -1})
+
+
+def test_symmetric_weights_lose_their_zero_points_and_nothing_else(bert: Path, tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fused, _ = _chain(bert, tmp_path / "f", ("fuse-transformer", {}))
+    ours, (rec,) = _chain(fused, tmp_path, ("quantize-dynamic", {}))
+    assert rec["zero_points_dropped"] == 2 * 3 + 2  # every MatMulInteger and QAttention: qint8 weights are symmetric
+    graph = onnx.load(str(ours)).graph
+    assert all(len(n.input) == 3 for n in graph.node if n.op_type == "MatMulInteger")
+    assert all(n.input[7] == "" for n in graph.node if n.op_type == "QAttention")
+    ref = tmp_path / "with-zero-points.onnx"  # the same quantizer, zero points kept
+    quantize_dynamic(str(fused), str(ref), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm", "Attention", "LSTM"], extra_options={"DefaultTensorType": 1})
+    assert len(onnx.load(str(ref)).graph.initializer) == len(graph.initializer) + 2 * 3 + 2
+    assert _max_diff(ref, ours, _feeds(8)) == 0.0  # bit-identical
+    _, (asym,) = _chain(fused, tmp_path / "u8", ("quantize-dynamic", {"weight_type": "quint8"}))
+    assert asym["zero_points_dropped"] == 0  # unsigned weights have real zero points
