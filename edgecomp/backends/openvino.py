@@ -105,12 +105,29 @@ def lower(model: ModelHandle, profile: Any, folder: Path, ctx: Any) -> Artifact:
 
         ov_model, meta["quantization"] = quantize(ov_model, opts, ctx, profile.budget)
     folder.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ov_model, str(folder / "model.xml"), compress_to_fp16=profile.precision == "fp16")
+    if profile.precision == "fp16":  # what save_model(compress_to_fp16=True) does, done here so that
+        from openvino._offline_transformations import compress_model_transformation  # its nodes get stable names
+
+        compress_model_transformation(ov_model)
+    _stable_names(ov_model)
+    ov.save_model(ov_model, str(folder / "model.xml"), compress_to_fp16=False)
     artifact = Artifact(folder, "openvino", {"model": "model.xml", "weights": "model.bin"}, meta)
     runner = load(artifact, profile.threads)  # what this machine's plugin makes of it, for tools that read the manifest
     meta["weights"] = weight_types(runner.ov_model)
     meta["executed_precision"] = runner.info()["executed_precision"]
     return artifact
+
+
+def _stable_names(ov_model: Any) -> None:
+    """Nodes that the converter or NNCF create are named from a process-wide counter (`Constant_291007`),
+    so one model saved by two processes differs byte for byte; number them in graph order instead.
+    Only node names change: tensor names (what `edgecomp diff` matches on) stay."""
+    import re
+
+    for i, op in enumerate(ov_model.get_ordered_ops()):
+        made = re.fullmatch(r"([A-Za-z]+)_\d+(_compressed)?", op.get_friendly_name())
+        if made:
+            op.set_friendly_name(f"{made[1]}_n{i}{made[2] or ''}")
 
 
 def weight_types(ov_model: Any) -> dict[str, int]:
