@@ -109,8 +109,11 @@ class Cache:
                 shutil.copyfile(src, tmp / name)
                 digests[name] = sha256_path(tmp / name)
             (tmp / ENTRY).write_text(json.dumps({"files": digests, "meta": meta}, indent=1, default=str))
-            if final.exists():  # a stale or corrupt entry under the same key: replace it
-                shutil.rmtree(final, ignore_errors=True)
+            if final.exists():
+                if self._read(stage, k) is not None:  # another release wrote it meanwhile: keep theirs
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+                shutil.rmtree(final, ignore_errors=True)  # a corrupt entry under the same key: replace it
             os.rename(tmp, final)
         except OSError:  # another process renamed its copy first (or the disk is full): ours is not needed
             shutil.rmtree(tmp, ignore_errors=True)
