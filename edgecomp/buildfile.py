@@ -32,7 +32,8 @@ Schema 1 (flat: model, passes, targets, gate; relative paths are relative to the
     confidence = 0.95
 
 `edgecomp build MODEL -t T --pass P --samples S --seed N --threads K -o OUT` is the same request:
-`[model] source/samples/seed/threads`, one `[[passes]]` per --pass, one `[[targets]]` per -t, `out`.
+`[model] source/samples/seed/threads`, one `[[passes]]` per --pass, one `[[targets]]` per -t, `out`;
+`edgecomp build ... --emit-build-file edgecomp.toml` writes that file (`to_toml`) instead of building.
 """
 
 from __future__ import annotations
@@ -124,3 +125,41 @@ def _types(where: str, table: dict[str, Any], want: dict[str, type]) -> None:
         t = want[key]
         if not isinstance(value, t) or (t is int and isinstance(value, bool)):
             raise UsageError(f"{where}: {key} must be {t.__name__}, not {value!r}")
+
+
+def to_toml(req: Any) -> str:
+    """The build file of a `BuildRequest` made from `edgecomp build` flags (paths made absolute, so
+    the file means the same wherever it is put); `load_build_file` reads it back to the same request."""
+    model: dict[str, Any] = {"source": str(Path(req.model).resolve()) if Path(req.model).exists() else req.model}
+    if req.samples is not None:
+        model["samples"] = str(req.samples.resolve())
+    if req.recipe:
+        model["recipe"] = req.recipe
+    if req.inputs:
+        model["inputs"] = [f"{t.name}:{'x'.join(map(str, t.shape))}:{t.dtype}" for t in req.inputs]
+    model["seed"] = req.seed
+    if req.threads:
+        model["threads"] = req.threads
+    if req.trust_remote_code:
+        model["trust_remote_code"] = True
+    lines = ["# Written by `edgecomp build --emit-build-file`; run it with `edgecomp release FILE`.",
+             "schema = 1", f"out = {_value(str(req.out.resolve()))}", "", "[model]"]
+    lines += [f"{k} = {_value(v)}" for k, v in model.items()]
+    for name, options in req.passes:
+        lines += ["", "[[passes]]", f"name = {_value(name)}", *(f"{k} = {_value(v)}" for k, v in options.items())]
+    for t in req.targets:
+        lines += ["", "[[targets]]", f"profile = {_value(t if isinstance(t, str) else t.profile)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _value(v: Any) -> str:
+    """A TOML literal for the scalars and lists that build options hold."""
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string

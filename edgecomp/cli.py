@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from edgecomp import __version__
-from edgecomp.errors import EdgecompError
+from edgecomp.errors import EdgecompError, UsageError
 
 _DEBUG = False
 
@@ -97,10 +97,12 @@ def _baseline_option(f: Any) -> Any:
 @_baseline_option
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Reuse and keep stage outputs here (default for build: no cache).")
 @click.option("--remeasure", is_flag=True, help="Measure latency even where the cache holds a measurement.")
+@click.option("--emit-build-file", type=click.Path(path_type=Path),
+              help="Write these flags as a build file (for `edgecomp release`) instead of building.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def build(model: str, targets: tuple[str, ...], out: Path, samples: Path | None, recipe: str | None, inputs: tuple[str, ...],
           pass_specs: tuple[str, ...], threads: int | None, seed: int, no_bench: bool, trust_remote_code: bool,
-          baseline: Path | None, cache_dir: Path | None, remeasure: bool, as_json: bool) -> int:
+          baseline: Path | None, cache_dir: Path | None, remeasure: bool, emit_build_file: Path | None, as_json: bool) -> int:
     """Build MODEL (a file, folder, or recipe name) for each --target, then validate and benchmark it."""
     from edgecomp.load import parse_input_specs
     from edgecomp.passes import parse_pass_spec
@@ -110,6 +112,16 @@ def build(model: str, targets: tuple[str, ...], out: Path, samples: Path | None,
                        inputs=parse_input_specs(inputs), passes=tuple(parse_pass_spec(p) for p in pass_specs), threads=threads, seed=seed, trust_remote_code=trust_remote_code,
                        bench=not no_bench, command=["edgecomp", *sys.argv[1:]], cache=cache_dir, remeasure=remeasure,
                        baseline=baseline)
+    if emit_build_file is not None:
+        from edgecomp.buildfile import to_toml
+        from edgecomp.pipeline import resolve_targets
+
+        resolve_targets(req.targets)  # an unknown target fails here, not when the file is run
+        if emit_build_file.exists():
+            raise UsageError(f"--emit-build-file {emit_build_file}: exists; nothing was overwritten")
+        emit_build_file.write_text(to_toml(req))
+        click.echo(f"build file: {emit_build_file} (run it with `edgecomp release {emit_build_file}`)")
+        return 0
     return _run(req, f"edgecomp build {model}", as_json)
 
 

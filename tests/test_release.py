@@ -219,15 +219,36 @@ def test_release_bad_input_is_one_line_and_writes_nothing(first: dict, tmp_path:
 
 
 def test_build_flags_and_build_file_are_one_request(tmp_path: Path, tiny_onnx: Path, tiny_samples: Path) -> None:
-    """`edgecomp build` with flags and `edgecomp release` of the equivalent file make the same artifacts."""
-    bf = write_build_file(tmp_path, tiny_onnx, tiny_samples)
-    r = run_cli("build", tiny_onnx, "--samples", tiny_samples, "--seed", "3", *(a for t in TARGETS for a in ("-t", t)),
-                "--no-bench", "-o", tmp_path / "b")
+    """`edgecomp build` flags, written out by --emit-build-file and run by `edgecomp release`, make the
+    same artifacts as the build itself."""
+    flags = [tiny_onnx, "--samples", tiny_samples, "--seed", "3", *(a for t in TARGETS for a in ("-t", t)), "--no-bench"]
+    r = run_cli("build", *flags, "-o", tmp_path / "b")
     assert r.returncode == 0, r.stderr
-    r = run_cli("release", bf, "--no-cache", "--no-bench", "-o", tmp_path / "r")
+    r = run_cli("build", *flags, "-o", tmp_path / "r", "--emit-build-file", tmp_path / "edgecomp.toml")
+    assert r.returncode == 0 and not (tmp_path / "r").exists(), r.stderr
+    r = run_cli("build", *flags, "-o", tmp_path / "r", "--emit-build-file", tmp_path / "edgecomp.toml")
+    assert r.returncode == 2 and "exists" in r.stderr  # never overwritten
+    r = run_cli("release", tmp_path / "edgecomp.toml", "--no-cache", "--no-bench")
     assert r.returncode == 0, r.stderr
     files = [{t["target"]: t["files"] for t in manifest(tmp_path / o)["targets"]} for o in ("b", "r")]
     assert files[0] == files[1]
+
+
+def test_emitted_build_file_round_trips_passes_and_inputs(tmp_path: Path) -> None:
+    from edgecomp.buildfile import to_toml
+    from edgecomp.load import parse_input_specs
+    from edgecomp.passes import parse_pass_spec
+    from edgecomp.pipeline import BuildRequest
+
+    req = BuildRequest(model="digits", targets=("ort-fp32", "tflite-int8"), out=tmp_path / "o", seed=7, threads=3,
+                       inputs=parse_input_specs(("image:1x1x8x8:float32",)),
+                       passes=(parse_pass_spec("prune-structured:channels_ratio=0.5,recover_epochs=2"),
+                               parse_pass_spec('lowrank:ratio=0.25,include=["fc", "conv"]')))
+    (tmp_path / "edgecomp.toml").write_text(to_toml(req))
+    back = load_build_file(tmp_path / "edgecomp.toml")
+    assert (back.model, back.seed, back.threads, back.inputs, back.passes, back.out) == \
+        (req.model, req.seed, req.threads, req.inputs, req.passes, req.out.resolve())
+    assert [t.profile for t in back.targets] == list(req.targets)
 
 
 def test_training_and_calibration_are_reproducible_byte_for_byte(tmp_path: Path) -> None:
