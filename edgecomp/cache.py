@@ -31,15 +31,13 @@ def key(*parts: Any) -> str:
 
 
 def sha256_path(path: Path) -> str:
-    """Content hash of a file, or of a folder (relative names and contents, in sorted order)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    """Content hash of a file (`sha256_file`), or of a folder: its files' relative names and hashes, sorted."""
+    from edgecomp.model import sha256_file
+
+    if path.is_file():
+        return sha256_file(path)
+    listing = "".join(f"{f.relative_to(path)}\0{sha256_file(f)}\n" for f in sorted(path.rglob("*")) if f.is_file())
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 @lru_cache(maxsize=1)
