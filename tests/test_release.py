@@ -12,6 +12,7 @@ import pytest
 from conftest import EDGECOMP, ROOT, run_cli
 from edgecomp.buildfile import load_build_file
 from edgecomp.errors import UsageError
+from edgecomp.model import sha256_file
 from edgecomp.release import Gate, compare
 
 TARGETS = ("ort-fp32", "ort-int8", "tflite-fp32")
@@ -64,12 +65,12 @@ def test_first_release_makes_every_stage_and_writes_the_manifest(first: dict) ->
     assert set(stages.values()) == {"miss"}
     m = first["m1"]
     assert m["schema"] == "edgecomp.release/1"
-    assert m["build_file"]["sha256"] == __import__("hashlib").sha256(first["bf"].read_bytes()).hexdigest()
+    assert m["build_file"]["sha256"] == sha256_file(first["bf"])
     assert [t["target"] for t in m["targets"]] == list(TARGETS)
     for t in m["targets"]:
         out = first["root"] / "out" / t["target"]
         for f in t["files"]:
-            assert f["sha256"] == __import__("hashlib").sha256((out / f["name"]).read_bytes()).hexdigest()
+            assert f["sha256"] == sha256_file(out / f["name"])
         assert t["latency"]["p50_ms"] > 0 and len(t["latency"]["round_ratios"]) == 5
         assert t["verdict"]["ok"]
     assert m["tools"]["onnxruntime"] and m["seeds"]["build"] == 3
