@@ -230,9 +230,47 @@ def test_prune_structured_taylor_global(bert):
     assert rec["params_after"] < rec["params_before"]
 
 
+def test_refit_linear_absorbs_units_that_are_linear_in_the_kept_ones():
+    """A removed input that is a linear combination of kept ones costs nothing after the least-squares refit;
+    the mean fold alone cannot carry its variation."""
+    from edgecomp.passes._torch_util import input_moments
+    from edgecomp.passes.prune_structured import _fold, refit_linear
+
+    gen = torch.Generator().manual_seed(0)
+    kept = torch.randn(4096, 6, generator=gen)
+    x = torch.cat([kept, kept[:, :2] @ torch.tensor([[0.5], [-2.0]]) + 1.0], 1)  # input 6 = 0.5 x0 - 2 x1 + 1
+    lin = torch.nn.Linear(7, 3)
+    with torch.no_grad():
+        y = lin(x)
+    stat = input_moments(lin, [lin], [x], cov=True)[id(lin)]
+    w, b = refit_linear(lin, list(range(6)), stat)
+    err_refit = ((kept.double() @ w.T + b).float() - y).abs().max()
+    assert err_refit < 0.01 * y.std(), (err_refit, y.std())
+    folded = torch.nn.Linear(7, 3)
+    folded.load_state_dict(lin.state_dict())
+    _fold(folded, [6], stat[0])
+    with torch.no_grad():
+        err_fold = (kept @ folded.weight[:, :6].T + folded.bias - y).abs().max()
+    assert err_fold > 0.3 * y.std() and err_fold > 20 * err_refit, (err_fold, err_refit)
+
+
+def test_prune_structured_variance_refit_beats_magnitude(bert):
+    """Variance importance + least-squares refit keeps the embedding closer to the unpruned model's than
+    magnitude scores with the mean fold, at the same 50 % of heads and neurons."""
+    handle, ctx = bert
+    e0 = embed(handle.torch_module, ctx.samples.validation)
+
+    def error(**options) -> float:  # 1 - mean cosine to the unpruned embedding
+        out = run_pass("prune-structured", handle, ctx, ratio=0.5, **options)
+        return 1 - float(torch.nn.functional.cosine_similarity(embed(out.torch_module, ctx.samples.validation), e0).mean())
+
+    plain, refit, best = error(importance="magnitude", refit=False), error(importance="magnitude"), error()
+    assert refit < 0.7 * plain and best < 0.7 * plain, (plain, refit, best)
+
+
 def test_prune_structured_digits_channels_with_recovery(digits):
     handle, ctx = digits
-    out = run_pass("prune-structured", handle, ctx, ratio=0.5, recover_epochs=2, batch_size=64, lr=3e-3)
+    out = run_pass("prune-structured", handle, ctx, ratio=0.5, recover_epochs=10, batch_size=32, lr=2e-3)
     rec = out.history[-1]
     net = out.torch_module
     convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
@@ -245,7 +283,7 @@ def test_prune_structured_digits_channels_with_recovery(digits):
     with torch.no_grad():
         acc = float((net(x).argmax(1).numpy() == ctx.samples.labels).mean())
         ref = float((handle.torch_module(x).argmax(1).numpy() == ctx.samples.labels).mean())
-    assert acc >= ref - 0.03, (acc, ref)
+    assert acc >= ref - 0.015, (acc, ref)  # measured: 0.9861 against 0.9917 (the issue asks for 1 point)
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])

@@ -296,17 +296,30 @@ def conv_chains(module: Any) -> list[ConvChain]:
     return chains
 
 
-def input_means(module: Any, consumers: list[Any], args: list[Any]) -> dict[int, Any]:
-    """Mean input of each consumer module on one batch: per channel (dim 1) for a conv, per feature (last
-    dim) for a Linear. What a removed unit feeds its consumer on average, to fold into the bias."""
+def input_moments(module: Any, consumers: list[Any], args: list[Any], mask: Any = None,
+                  cov: bool = False) -> dict[int, tuple[Any, Any]]:
+    """Mean (and, with `cov`, covariance) of each consumer module's input on one batch, in float64:
+    per channel (dim 1) for a conv, per feature (last dim) for a Linear, over real tokens only when a
+    [batch, seq] `mask` is given. What a removed unit feeds its consumer on average (folded into the
+    bias), and how the units co-vary (for importance and the least-squares refit)."""
     import torch
 
-    means: dict[int, Any] = {}
+    stats: dict[int, tuple[Any, Any]] = {}
 
     def hook(mod: Any, inp: Any) -> None:
-        x = inp[0].detach()
-        dims = [d for d in range(x.ndim) if d != (1 if isinstance(mod, torch.nn.Conv2d) else x.ndim - 1)]
-        means[id(mod)] = x.double().mean(dims)
+        x = inp[0].detach().double()
+        if isinstance(mod, torch.nn.Conv2d):
+            rows = x.transpose(0, 1).flatten(1).T
+        elif mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            rows = x[mask.bool()]
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        mean = rows.mean(0)
+        c = None
+        if cov:
+            centred = rows - mean
+            c = centred.T @ centred / max(1, len(rows) - 1)
+        stats[id(mod)] = (mean, c)
 
     handles = [m.register_forward_pre_hook(hook) for m in consumers]
     try:
@@ -315,4 +328,4 @@ def input_means(module: Any, consumers: list[Any], args: list[Any]) -> dict[int,
     finally:
         for h in handles:
             h.remove()
-    return means
+    return stats

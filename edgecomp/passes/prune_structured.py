@@ -9,14 +9,25 @@ Units and how they are cut:
 Importance (which units go):
   magnitude  head: ||[Wq_h; Wk_h; Wv_h; Wo_h^T]||_2; neuron: ||W1[j]|| * ||W2[:, j]||;
              channel: ||filter_c|| * |gamma_c| / sqrt(var_c + eps) (BN folded in)
-  taylor     first-order Taylor / Fisher score on data: each unit's output is multiplied by a gate
-             g = 1 and score = sum over batches of (dL/dg)^2, L = cross-entropy on labels when the
-             recipe has them, else a random projection r . f(x) of the output (label-free: its
-             expected square is the squared sensitivity ||df/dg||^2).
+  taylor     first-order Taylor / Fisher score on data: each unit's output is multiplied by a
+             per-sample gate g = 1 and score = sum over samples of (dL/dg)^2, L = cross-entropy on
+             labels when the recipe has them, else a random projection r . f(x) of the output
+             (label-free: its expected square is the squared sensitivity ||df/dg||^2). First order:
+             blind to units whose removal is large but flattened by a LayerNorm (MiniLM's FFN
+             neurons: cosine 0.07 after cutting 40 %), so prefer it for heads and CNNs.
+  variance   the error a unit's removal adds where it is consumed, measured on 256 training
+             samples (real tokens only): head h E||Wo_h (c_h - mean)||^2, neuron j
+             Var(a_j) ||W2[:, j]||^2, channel c the consumer's weights for c against its inputs'
+             variance. MiniLM, 40 % of heads and neurons, no fine-tune: cosine 0.84 (magnitude 0.69).
 Bias compensation (`compensate`, default on): each removed unit's mean output on 256 training
 samples is folded into the next layer's bias, b += W[:, removed] @ mean[removed]. On the digits CNN
 this is the difference between 23% and 91% accuracy after cutting 25% of the channels (before any
-recovery), because a channel whose BatchNorm shift dominates is nearly a constant.
+recovery), because a channel whose BatchNorm shift dominates is nearly a constant. Conv chains are
+cut in order, each consumer measured after the chains before it were cut.
+Least-squares refit (`refit`, default on, transformers): the attention-output and FFN-output weights
+on the kept units are re-solved so the layer reproduces its unpruned output on those samples
+(`refit_linear`), so the kept units absorb what the removed ones carried. MiniLM at 40 %: cosine
+0.81 (magnitude) and 0.89 (variance) before any fine-tune, against 0.69 and 0.84 without it.
 `ratio` is the share of each kind removed (per layer with scope="layer"; ranked over all layers
 with scope="global", scores normalised by each layer's mean); every layer keeps at least one unit.
 Optional recovery: distillation from the unpruned model (the distill pass's training function).
@@ -43,15 +54,16 @@ class Params(Recovery):
     neurons_ratio: float = -1.0
     channels_ratio: float = -1.0
     units: tuple[str, ...] = ()  # () = every kind the model has
-    importance: str = "magnitude"  # magnitude | taylor
+    importance: str = "variance"  # variance | magnitude | taylor
     scope: str = "layer"  # layer | global
     score_batches: int = 8
     compensate: bool = True  # fold removed units' mean output (on training data) into the next bias
+    refit: bool = True  # transformers: least-squares refit of the consumer weights on the kept units (needs compensate)
     drop_layers: tuple[int, ...] = ()
     resume: str = ""
 
     def __post_init__(self) -> None:
-        choice("importance", self.importance, ("magnitude", "taylor"))
+        choice("importance", self.importance, ("magnitude", "taylor", "variance"))
         choice("scope", self.scope, ("layer", "global"))
         for u in self.units:
             choice("units", u, KINDS)
@@ -86,9 +98,11 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
         drop_layers(tr, [i for i in range(n) if i not in params.drop_layers])
         removed["layers"] = sorted(params.drop_layers)
     scores = taylor_scores(student, model, ctx, params) if params.importance == "taylor" else None
+    needs_data = params.compensate or params.importance == "variance"
+    args, mask = mean_batch(model, ctx, params.seed if params.seed >= 0 else ctx.seed) if needs_data else (None, None)
     removed |= shrink(student, heads=params.share("heads"), neurons=params.share("neurons"),
-                      channels=params.share("channels"), scores=scores, scope=params.scope,
-                      args=mean_batch(model, ctx, params.seed if params.seed >= 0 else ctx.seed) if params.compensate else None)
+                      channels=params.share("channels"), scores=scores, scope=params.scope, args=args, mask=mask,
+                      importance=params.importance, refit=params.refit and params.compensate)
     if not any(removed.get(k) for k in ("layers", "heads_removed", "neurons_removed", "channels_removed")):
         raise UsageError("prune-structured: nothing to prune (no attention heads, FFN neurons or prunable conv channels "
                          "at this ratio)")
@@ -105,50 +119,131 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
 
 
 def shrink(module: Any, heads: float = 0.0, neurons: float = 0.0, channels: float = 0.0,
-           scores: dict[str, dict[Any, Any]] | None = None, scope: str = "layer", args: list[Any] | None = None) -> dict[str, Any]:
-    """Remove the given shares of heads / neurons / channels in place (magnitude scores unless given).
+           scores: dict[str, dict[Any, Any]] | None = None, scope: str = "layer", args: list[Any] | None = None,
+           mask: Any = None, importance: str = "magnitude", refit: bool = False) -> dict[str, Any]:
+    """Remove the given shares of heads / neurons / channels in place.
 
-    With `args` (one batch of real inputs) each removed unit's mean output, measured before any cut, is
-    folded into its consumer's bias (b += W[:, removed] @ mean[removed]): a unit that is nearly constant
-    (a conv channel whose BatchNorm shift dominates, a GELU neuron stuck near one value) then costs
-    almost nothing, where dropping it outright shifts every later layer.
+    `scores` (per kind, per layer) rank the units; without them `importance` says how: magnitude, or
+    variance (a transformer unit's removal error, needs `args`). With `args` (one batch of real
+    inputs, `mask` its [batch, seq] attention mask) each consumer's input statistics are measured
+    just before its units are cut, and each removed unit's mean output is folded into its consumer's
+    bias (b += W[:, removed] @ mean[removed]): a unit that is nearly constant (a conv channel whose
+    BatchNorm shift dominates, a GELU neuron stuck near one value) then costs almost nothing, where
+    dropping it outright shifts every later layer. With `refit` too, a transformer consumer's weights
+    on the kept units are solved by least squares to reproduce its full output (see `refit_linear`).
     """
-    from edgecomp.passes._torch_util import conv_chains, input_means
+    from edgecomp.passes._torch_util import conv_chains, input_moments
 
     out: dict[str, Any] = {}
     tr = find_transformer(module)
     scores = scores or {}
     layers = list({id(m): m for m in tr.encoder.layer}.values()) if tr is not None else []  # shared: pruned once
     chains = conv_chains(module) if channels else []
-    consumers = [m for layer in layers for m in (layer.attention.output.dense, layer.output.dense)]
-    means = input_means(module, consumers + [c.consumer for c in chains], args) if args is not None else {}
+    want_cov = refit or importance == "variance"
+
+    def measure(consumers: list[Any], cov: bool) -> dict[int, tuple[Any, Any]]:
+        return input_moments(module, consumers, args, mask, cov) if args is not None else {}
+
     if layers and heads:
-        s = scores.get("heads") or {i: head_magnitude(layer) for i, layer in enumerate(layers)}
+        st = measure([layer.attention.output.dense for layer in layers], want_cov)
+        s = scores.get("heads") or {i: head_score(layer, st.get(id(layer.attention.output.dense)), importance)
+                                    for i, layer in enumerate(layers)}
         cut = select(s, heads, scope)
-        out["heads_removed"] = {str(i): prune_heads(tr, i, layers[i], c, means.get(id(layers[i].attention.output.dense)))
+        out["heads_removed"] = {str(i): prune_heads(tr, i, layers[i], c, st.get(id(layers[i].attention.output.dense)), refit)
                                 for i, c in cut.items() if c}
         out["heads_before"] = sum(len(v) for v in s.values())
     if layers and neurons:
-        s = scores.get("neurons") or {i: neuron_magnitude(layer) for i, layer in enumerate(layers)}
+        st = measure([layer.output.dense for layer in layers], want_cov)  # after the heads are cut
+        s = scores.get("neurons") or {i: neuron_score(layer, st.get(id(layer.output.dense)), importance)
+                                      for i, layer in enumerate(layers)}
         cut = select(s, neurons, scope)
         for i, c in cut.items():
-            prune_neurons(layers[i], c, means.get(id(layers[i].output.dense)))
+            prune_neurons(layers[i], c, st.get(id(layers[i].output.dense)), refit)
         out["neurons_removed"] = {str(i): len(c) for i, c in cut.items() if c}
         out["neurons_before"] = sum(len(v) for v in s.values())
-    if chains:
-        s = scores.get("channels") or {i: chain.magnitude() for i, chain in enumerate(chains)}
-        cut = select(s, channels, scope)
-        out["channels_removed"] = {chains[i].name: [chains[i].conv.out_channels, chains[i].conv.out_channels - len(c)]
-                                   for i, c in cut.items() if c}
-        for i, c in cut.items():
-            chains[i].prune(c, means.get(id(chains[i].consumer)))
-    if means:
+    if chains:  # in order: each chain's consumer is measured after the chains before it were cut
+        given = scores.get("channels")
+        if scope == "global":
+            st = measure([c.consumer for c in chains], importance == "variance")
+            cut = select(given or {i: channel_score(c, st.get(id(c.consumer)), importance) for i, c in enumerate(chains)},
+                         channels, scope)
+        out["channels_removed"] = {}
+        for i, chain in enumerate(chains):
+            st1 = measure([chain.consumer], importance == "variance" and scope == "layer").get(id(chain.consumer))
+            if scope == "layer":
+                c = select({i: given[i] if given else channel_score(chain, st1, importance)}, channels, scope)[i]
+            else:
+                c = cut[i]
+            if c:
+                out["channels_removed"][chain.name] = [chain.conv.out_channels, chain.conv.out_channels - len(c)]
+                chain.prune(c, st1[0] if st1 else None)
+    if args is not None:
         out["bias_compensation"] = "mean output of removed units folded into the next layer's bias"
+        if refit and layers and (heads or neurons):
+            out["refit"] = "attention-output and FFN-output weights re-solved by least squares on the kept units"
     return out
 
 
-def mean_batch(model: ModelHandle, ctx: PassContext, seed: int, n: int = 256) -> list[Any]:
-    """Up to n training samples (seeded choice, padding trimmed), as the model's positional inputs."""
+def head_score(layer: Any, stat: tuple[Any, Any] | None, importance: str) -> Any:
+    """magnitude: ||[Wq_h; Wk_h; Wv_h; Wo_h^T]||; variance: E||Wo_h (c_h - mean c_h)||^2, the error that
+    removing head h (its mean kept in the bias) adds to the attention output."""
+    import torch
+
+    if importance != "variance" or stat is None or stat[1] is None:
+        return head_magnitude(layer)
+    sa, o = layer.attention.self, layer.attention.output.dense
+    d = sa.attention_head_size
+    w, cov = o.weight.detach().double(), stat[1]
+    return torch.stack([((w[:, h * d:(h + 1) * d] @ cov[h * d:(h + 1) * d, h * d:(h + 1) * d]) * w[:, h * d:(h + 1) * d]).sum()
+                        for h in range(sa.num_attention_heads)]).float()
+
+
+def neuron_score(layer: Any, stat: tuple[Any, Any] | None, importance: str) -> Any:
+    """magnitude: ||W1[j]|| * ||W2[:, j]||; variance: Var(a_j) * ||W2[:, j]||^2, the error that removing
+    neuron j (its mean kept in the bias) adds to the FFN output."""
+    if importance != "variance" or stat is None or stat[1] is None:
+        return neuron_magnitude(layer)
+    w = layer.output.dense.weight.detach().double()
+    return (stat[1].diagonal() * w.pow(2).sum(0)).float()
+
+
+def channel_score(chain: Any, stat: tuple[Any, Any] | None, importance: str) -> Any:
+    """magnitude: ||filter_c|| * |gamma_c| / sqrt(var_c + eps); variance: sum over the consumer's inputs f
+    that carry channel c of Var(x_f) * ||W[:, f]||^2 (a Conv2d consumer: its kernel slice for c; a Linear
+    after Flatten: the channel's H*W features), the error removing c (its mean kept) adds there."""
+    import torch
+
+    if importance != "variance" or stat is None or stat[1] is None:
+        return chain.magnitude()
+    w = chain.consumer.weight.detach().double()
+    var = stat[1].diagonal()
+    n = chain.conv.out_channels
+    if isinstance(chain.consumer, torch.nn.Conv2d):
+        return (var * w.pow(2).sum((0, 2, 3))).float()
+    return (var * w.pow(2).sum(0)).view(n, -1).sum(1).float()
+
+
+def refit_linear(linear: Any, keep: list[int], stat: tuple[Any, Any]) -> tuple[Any, Any]:
+    """Weights W' on the kept inputs K (and bias) that best reproduce y = W x + b over the measured inputs:
+    min E||W (x - mu) - W' (x_K - mu_K)||^2 gives W' = W C[:, K] (C[K, K] + lambda I)^-1, and
+    b' = b + W mu - W' mu_K keeps the mean output. lambda = 1e-3 * mean(diag C[K, K]) keeps the solve
+    stable when kept units are nearly collinear. The kept units absorb what the removed ones carried
+    (as far as it is linear in them); the mean fold is the special case of uncorrelated units."""
+    import torch
+
+    mean, cov = stat
+    idx = torch.tensor(keep, dtype=torch.long)
+    w = linear.weight.detach().double()
+    ckk = cov[idx][:, idx]
+    ckk = ckk + 1e-3 * ckk.diagonal().mean() * torch.eye(len(keep), dtype=ckk.dtype)
+    w_new = torch.linalg.solve(ckk, (w @ cov[:, idx]).T).T
+    b_new = linear.bias.detach().double() + w @ mean - w_new @ mean[idx]
+    return w_new, b_new
+
+
+def mean_batch(model: ModelHandle, ctx: PassContext, seed: int, n: int = 256) -> tuple[list[Any], Any]:
+    """Up to n training samples (seeded choice, padding trimmed), as the model's positional inputs, and
+    their attention mask (None when the model has none)."""
     import torch
 
     from edgecomp.passes._train_data import training_data
@@ -158,7 +253,7 @@ def mean_batch(model: ModelHandle, ctx: PassContext, seed: int, n: int = 256) ->
     total = len(next(iter(data.values())))
     idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
     batch = trim_padding({k: v[idx] for k, v in data.items()})
-    return [batch[k] for k in model.input_names]
+    return [batch[k] for k in model.input_names], batch.get("attention_mask")
 
 
 def select(scores: dict[Any, Any], share: float, scope: str) -> dict[Any, list[int]]:
@@ -200,20 +295,34 @@ def neuron_magnitude(layer: Any) -> Any:
         return layer.intermediate.dense.weight.norm(dim=1) * layer.output.dense.weight.norm(dim=0)
 
 
-def prune_heads(tr: Any, index: int, layer: Any, heads: list[int], mean: Any = None) -> list[int]:
-    """Remove current heads `heads` of `layer` (transformers' prune_heads, which takes original indices)."""
+def prune_heads(tr: Any, index: int, layer: Any, heads: list[int], stat: tuple[Any, Any] | None = None,
+                refit: bool = False) -> list[int]:
+    """Remove current heads `heads` of `layer` (transformers' prune_heads, which takes original indices);
+    `stat` = (mean, cov) of the attention output's input: fold the removed heads' mean, or refit."""
     att = layer.attention
-    if mean is not None:
-        d = att.self.attention_head_size
-        cols = [h * d + j for h in heads for j in range(d)]
-        _fold(att.output.dense, cols, mean)
+    d = att.self.attention_head_size
+    cols = [h * d + j for h in heads for j in range(d)]
+    keep = [c for c in range(att.output.dense.in_features) if c not in set(cols)]
+    solved = refit_linear(att.output.dense, keep, stat) if refit and stat is not None and stat[1] is not None else None
+    if stat is not None and solved is None:
+        _fold(att.output.dense, cols, stat[0])
     current = [h for h in range(att.self.num_attention_heads + len(att.pruned_heads)) if h not in att.pruned_heads]
     original = [current[h] for h in heads]
     att.prune_heads(original)
+    if solved is not None:
+        _assign(att.output.dense, *solved)
     pruned = getattr(tr.config, "pruned_heads", None) or {}
     pruned[index] = sorted(set(pruned.get(index, [])) | set(original))
     tr.config.pruned_heads = pruned
     return original
+
+
+def _assign(linear: Any, weight: Any, bias: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+        linear.bias.copy_(bias.to(linear.bias.dtype))
 
 
 def _fold(linear: Any, cols: list[int], mean: Any) -> None:
@@ -225,20 +334,28 @@ def _fold(linear: Any, cols: list[int], mean: Any) -> None:
         linear.bias += (linear.weight[:, idx].double() @ mean[idx]).to(linear.bias.dtype)
 
 
-def prune_neurons(layer: Any, drop: list[int], mean: Any = None) -> None:
+def prune_neurons(layer: Any, drop: list[int], stat: tuple[Any, Any] | None = None, refit: bool = False) -> None:
     import torch
     from transformers.pytorch_utils import prune_linear_layer
 
-    if mean is not None and drop:
-        _fold(layer.output.dense, drop, mean)
     n = layer.intermediate.dense.out_features
-    keep = torch.tensor([j for j in range(n) if j not in set(drop)], dtype=torch.long)
-    layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep, dim=0)
-    layer.output.dense = prune_linear_layer(layer.output.dense, keep, dim=1)
+    keep = [j for j in range(n) if j not in set(drop)]
+    solved = refit_linear(layer.output.dense, keep, stat) if refit and drop and stat is not None and stat[1] is not None else None
+    if stat is not None and drop and solved is None:
+        _fold(layer.output.dense, drop, stat[0])
+    idx = torch.tensor(keep, dtype=torch.long)
+    layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, idx, dim=0)
+    layer.output.dense = prune_linear_layer(layer.output.dense, idx, dim=1)
+    if solved is not None:
+        _assign(layer.output.dense, *solved)
 
 
 def taylor_scores(module: Any, model: ModelHandle, ctx: PassContext, p: Params) -> dict[str, dict[Any, Any]]:
-    """Gate every unit (g = 1), accumulate (dL/dg)^2 over `score_batches` batches of training data."""
+    """Gate every unit with a per-sample gate (g = 1, one per sample and unit), accumulate the per-sample
+    (dL/dg)^2 over `score_batches` batches of training data: the diagonal of the empirical Fisher.
+
+    Per sample, not per batch: a batch-summed gradient lets samples cancel each other, and it counts a
+    shift shared by every sample, which bias compensation removes anyway."""
     import torch
     import torch.nn.functional as F
 
@@ -246,49 +363,54 @@ def taylor_scores(module: Any, model: ModelHandle, ctx: PassContext, p: Params) 
     from edgecomp.passes._train_data import is_classifier, training_data
     from edgecomp.passes._train_distill import trim_padding
 
-    gates: dict[str, dict[Any, Any]] = {"heads": {}, "neurons": {}, "channels": {}}
-    handles = []
-
-    def gate_hook(g: Any, per: int, tuple_out: bool) -> Any:
-        def hook(mod: Any, args: Any, out: Any) -> Any:
-            x = out[0] if tuple_out else out
-            shape = [1] * x.ndim
-            shape[-1 if per else 1] = -1
-            y = x * (g.repeat_interleave(per) if per else g).view(shape)
-            return (y, *out[1:]) if tuple_out else y
-        return hook
-
+    units: dict[str, dict[Any, tuple[Any, int, int, bool]]] = {"heads": {}, "neurons": {}, "channels": {}}
     tr = find_transformer(module)
     if tr is not None:
         for i, layer in enumerate({id(m): m for m in tr.encoder.layer}.values()):
             sa = layer.attention.self
-            gates["heads"][i] = torch.ones(sa.num_attention_heads, requires_grad=True)
-            handles.append(sa.register_forward_hook(gate_hook(gates["heads"][i], sa.attention_head_size, True)))
-            gates["neurons"][i] = torch.ones(layer.intermediate.dense.out_features, requires_grad=True)
-            handles.append(layer.intermediate.register_forward_hook(gate_hook(gates["neurons"][i], 1, False)))
+            units["heads"][i] = (sa, sa.num_attention_heads, sa.attention_head_size, True)
+            units["neurons"][i] = (layer.intermediate, layer.intermediate.dense.out_features, 1, False)
     for i, chain in enumerate(conv_chains(module)):
-        gates["channels"][i] = torch.ones(chain.conv.out_channels, requires_grad=True)
-        handles.append(chain.last.register_forward_hook(gate_hook(gates["channels"][i], 0, False)))
+        units["channels"][i] = (chain.last, chain.conv.out_channels, 0, False)
+    gates: dict[tuple[str, Any], Any] = {}
+
+    def gate_hook(key: tuple[str, Any], per: int, tuple_out: bool) -> Any:
+        def hook(mod: Any, args: Any, out: Any) -> Any:
+            x = out[0] if tuple_out else out
+            g = gates[key]
+            g = g.repeat_interleave(per, dim=1) if per else g
+            shape = [x.shape[0]] + [1] * (x.ndim - 1)
+            shape[-1 if per else 1] = -1  # per > 0: features last (transformers); 0: channels second (NCHW)
+            y = x * g.view(shape)
+            return (y, *out[1:]) if tuple_out else y
+        return hook
+
+    handles = [mod.register_forward_hook(gate_hook((k, i), per, tup))
+               for k, v in units.items() for i, (mod, _, per, tup) in v.items()]
     data, _ = training_data(model, ctx)
     n = len(next(iter(data.values())))
     gen = torch.Generator().manual_seed(p.seed if p.seed >= 0 else ctx.seed)
     order = torch.randperm(n, generator=gen)
     labelled = is_classifier(ctx) and "labels" in data
-    scores = {k: {i: torch.zeros_like(g) for i, g in v.items()} for k, v in gates.items()}
+    scores = {k: {i: torch.zeros(count) for i, (_, count, _, _) in v.items()} for k, v in units.items()}
     try:
         for b in range(min(p.score_batches, -(-n // p.batch_size))):
             idx = order[b * p.batch_size:(b + 1) * p.batch_size]
             batch = trim_padding({k: v[idx] for k, v in data.items()})
+            gates.clear()
+            gates.update({(k, i): torch.ones(len(idx), count, requires_grad=True)
+                          for k, v in units.items() for i, (_, count, _, _) in v.items()})
             out = module(*(batch[k] for k in model.input_names))
             if labelled:
-                loss = F.cross_entropy(out, batch["labels"])
-            else:
-                r = torch.randn(out.shape[-1], generator=gen)
-                loss = (out @ (r / r.norm())).sum()
-            grads = torch.autograd.grad(loss, [g for v in gates.values() for g in v.values()])
-            for (k, i), gr in zip([(k, i) for k, v in gates.items() for i in v], grads):
-                scores[k][i] += gr.detach() ** 2
+                loss = F.cross_entropy(out, batch["labels"], reduction="sum")
+            else:  # label-free: a random unit direction per sample; E[(r . J)^2] is ||J||^2 / width
+                r = torch.randn(out.shape, generator=gen)
+                loss = (out * (r / r.norm(dim=-1, keepdim=True))).sum()
+            keys = list(gates)
+            for key, gr in zip(keys, torch.autograd.grad(loss, [gates[k] for k in keys])):
+                scores[key[0]][key[1]] += gr.detach().pow(2).sum(0)
     finally:
         for h in handles:
             h.remove()
+        gates.clear()
     return {k: v for k, v in scores.items() if v}

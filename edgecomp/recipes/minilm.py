@@ -29,14 +29,25 @@ def model_dir() -> Path:
 
 
 def corpus(recipe: Recipe) -> dict[str, list[str]]:
-    """The shipped sentences, shuffled with the recipe's seed: calibration, validation, and the rest (train)."""
-    path = MODELS_DIR / recipe.options.get("corpus", "data/sentences.txt")
-    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    """The shipped sentences, shuffled with the recipe's seed: calibration, validation, and the rest (train),
+    plus the lines of `train_corpus` (training text only: it never changes the calibration and
+    validation splits, and any of its lines that is one of theirs is dropped)."""
+    lines = _lines(MODELS_DIR / recipe.options.get("corpus", "data/sentences.txt"))
     random.Random(recipe.seed).shuffle(lines)
     c, v = recipe.calibration, recipe.validation
     if c + v > len(lines):
-        raise UsageError(f"{path}: {len(lines)} sentences, the recipe asks for {c} + {v}")
-    return {"calibration": lines[:c], "validation": lines[c:c + v], "train": lines[c + v:]}
+        raise UsageError(f"{recipe.options.get('corpus')}: {len(lines)} sentences, the recipe asks for {c} + {v}")
+    held_out = {s.casefold() for s in lines[:c + v]}
+    extra = [s for s in _lines(MODELS_DIR / recipe.options["train_corpus"]) if s.casefold() not in held_out] \
+        if recipe.options.get("train_corpus") else []
+    return {"calibration": lines[:c], "validation": lines[c:c + v], "train": lines[c + v:] + extra}
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not a readable UTF-8 text file ({e})") from None
 
 
 def tokenizer() -> Any:
