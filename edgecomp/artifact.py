@@ -68,12 +68,12 @@ def validate_artifact(folder: Path, threads: int | None = None) -> dict[str, Any
 
 
 def bench_artifacts(folders: list[Path], threads: int | None, warmup: int, runs: int, min_seconds: float) -> list[dict[str, Any]]:
-    """Latency of several artifacts, all loaded, measured interleaved in rounds (each on the first
-    input of its own reference.npz), so the ratios between them come from one stretch of time."""
+    """Latency of several artifacts, all loaded, measured interleaved in rounds (each cycling through the
+    inputs of its own reference.npz), so the ratios between them come from one stretch of time."""
     from edgecomp.bench import interleaved, peak_rss_mb
 
     loaded = [(folder, *load_runner(folder, threads)) for folder in folders]
-    feeds = [reference_set(folder)[0][0] for folder in folders]
+    feeds = [reference_set(folder)[0] for folder in folders]
     settings = {"warmup": warmup, "runs": runs, "min_seconds": min_seconds}
     lats = interleaved([(runner, settings) for _, runner, _, _ in loaded], feeds)
     return [{"artifact": str(folder), "runtime": runner.info(), "load": load, "latency": lat, "peak_rss_mb": peak_rss_mb()}

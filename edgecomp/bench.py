@@ -2,7 +2,10 @@
 
 Protocol: `warmup` untimed runs (caches, lazy kernel selection), then timed runs until both
 `runs` iterations and `min_seconds` have passed, so percentiles rest on enough samples even for
-fast models. One fixed real input; threads are whatever the runner was built with (explicit).
+fast models. The input is one real sample or a list of them, cycled through run after run (the
+builds use the whole validation split: a graph whose cost depends on the input, such as one that
+trims padding, is then timed on the real mix of lengths, not on whichever sample comes first);
+threads are whatever the runner was built with (explicit).
 A build measures the reference and every target together, interleaved in rounds (`interleaved`),
 after they are all built: ratios come from one stretch of time, not from minutes apart.
 """
@@ -15,23 +18,25 @@ from typing import Any
 import numpy as np
 
 
-def latency(runner: Any, feed: dict[str, np.ndarray], warmup: int = 10, runs: int = 100,
+Feeds = dict[str, np.ndarray] | list[dict[str, np.ndarray]]  # one input, or inputs to cycle through
+
+
+def latency(runner: Any, feed: Feeds, warmup: int = 10, runs: int = 100,
             min_seconds: float = 1.0, max_seconds: float = 30.0) -> dict[str, float]:
-    for _ in range(int(warmup)):
-        runner(feed)
+    _warm(runner, feed, warmup)
     return _summary(_timed(runner, feed, runs, min_seconds, max_seconds), warmup)
 
 
-def interleaved(runners: list[tuple[Any, dict[str, Any]]], feed: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
-                rounds: int = 5) -> list[dict[str, float]]:
+def interleaved(runners: list[tuple[Any, dict[str, Any]]], feeds: list[Feeds], rounds: int = 5) -> list[dict[str, float]]:
     """Latency of several runners (each with its profile's bench settings) measured in alternation:
     each round gives every runner 1/rounds of its runs. A machine that slows down during the
     measurement (another process, a noisy neighbour) slows them all alike, so the ratios between
-    them hold even where the absolute figures drift. `feed`: one for all, or one per runner."""
-    feeds = feed if isinstance(feed, list) else [feed] * len(runners)
+    them hold even where the absolute figures drift. `feeds`: one per runner (an input, or a list of
+    inputs to cycle through)."""
+    if len(feeds) != len(runners):
+        raise ValueError(f"{len(runners)} runners but {len(feeds)} feeds")
     for (runner, b), f in zip(runners, feeds):
-        for _ in range(int(b["warmup"])):
-            runner(f)
+        _warm(runner, f, int(b["warmup"]))
     per_round: list[list[list[float]]] = [[] for _ in runners]
     for _ in range(rounds):
         for i, (runner, b) in enumerate(runners):
@@ -58,12 +63,19 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
     return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
 
 
-def _timed(runner: Any, feed: dict[str, np.ndarray], runs: int, min_seconds: float, max_seconds: float) -> list[float]:
+def _warm(runner: Any, feed: Feeds, warmup: int) -> None:
+    cycle = feed if isinstance(feed, list) else [feed]
+    for i in range(max(int(warmup), min(len(cycle), 100))):  # every input at least once (up to 100): shapes differ
+        runner(cycle[i % len(cycle)])
+
+
+def _timed(runner: Any, feed: Feeds, runs: int, min_seconds: float, max_seconds: float) -> list[float]:
+    cycle = feed if isinstance(feed, list) else [feed]
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
-        runner(feed)
+        runner(cycle[len(times) % len(cycle)])
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > max_seconds and len(times) >= 10:
             break

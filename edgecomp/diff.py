@@ -2,7 +2,8 @@
 
 Both graphs run on the same real input with every intermediate tensor exposed as an output;
 tensors are matched by name (quantizers and optimizers keep the float tensor names they
-rewrite around). For each matched tensor, in the first graph's execution order:
+rewrite around; a graph that trims padding is compared on the real positions). For each matched
+tensor, in the first graph's execution order:
   cosine, max_abs, and SQNR = 10 log10(|a|^2 / |a - b|^2) in dB.
 A "jump" is a tensor whose SQNR falls more than `jump_db` below the lowest SQNR seen before
 it (tensors above EXACT_DB, float rounding between kernels, count as exact): a layer where error is introduced, not merely carried
@@ -77,14 +78,15 @@ def intermediates(path: Path, feed: Feed, threads: int = 2) -> tuple[list[str], 
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], order: list[str], jump_db: float = 6.0) -> dict[str, Any]:
     rows, level, jumps = [], float("inf"), []
     for name in order:
-        if name not in b or a[name].shape != b[name].shape:
+        pair = _aligned(a[name], b[name]) if name in b else None
+        if pair is None:
             continue
-        x, y = a[name].astype(np.float64).ravel(), b[name].astype(np.float64).ravel()
+        x, y = (t.astype(np.float64).ravel() for t in pair)
         noise, signal = float(((x - y) ** 2).sum()), float((x ** 2).sum())
         sqnr = 10 * np.log10(signal / noise) if noise > 0 and signal > 0 else float("inf")
         nx, ny = np.linalg.norm(x), np.linalg.norm(y)
         cos = float(x @ y / (nx * ny)) if nx and ny else float(nx == ny)
-        row = {"tensor": name, "shape": list(a[name].shape), "cosine": cos, "max_abs": float(np.abs(x - y).max(initial=0)),
+        row = {"tensor": name, "shape": list(pair[0].shape), "cosine": cos, "max_abs": float(np.abs(x - y).max(initial=0)),
                "sqnr_db": sqnr}
         seen = sqnr if sqnr < EXACT_DB else float("inf")
         if seen < level - jump_db:
@@ -93,6 +95,19 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], order: list[str]
         level = min(level, seen)
         rows.append(row)
     return {"matched": len(rows), "first_jump": jumps[0] if jumps else None, "jumps": jumps, "tensors": rows}
+
+
+def _aligned(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two tensors, comparable: as they are when the shapes agree; cut to their common leading part
+    when one graph trims padding (the trim-padding pass) and the other does not, so the sequence axes
+    are L in one and S > L in the other (the same pair on every such axis): the real positions
+    compare, the padded ones are not computed by both. Otherwise None (not comparable)."""
+    if x.shape == y.shape:
+        return x, y
+    if x.ndim != y.ndim or len({tuple(sorted((p, q))) for p, q in zip(x.shape, y.shape) if p != q}) != 1:
+        return None
+    cut = tuple(slice(0, min(p, q)) for p, q in zip(x.shape, y.shape))
+    return x[cut], y[cut]
 
 
 def diff(a: Path, b: Path, feed: Feed, threads: int = 2, jump_db: float = 6.0) -> dict[str, Any]:

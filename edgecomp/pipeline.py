@@ -408,7 +408,9 @@ def _latency(report: dict[str, Any], src: Source, runners: list[Callable[[], Any
     else:
         progress("measuring latency (reference and targets interleaved)")
         made = [src.ref_runner(), *(r() for r in runners)]
-        lats = interleaved(list(zip(made, [profiles[0].bench, *(p.bench for p in profiles)])), src.samples.validation[0])
+        lats = interleaved(list(zip(made, [profiles[0].bench, *(p.bench for p in profiles)])), [src.samples.validation] * len(made))
+        for lat in lats:
+            lat["inputs"] = len(src.samples.validation)  # timed runs cycle through the validation split
         cache.put("latency", k, {}, {"latency": lats})
     report["reference"]["latency"] = lats[0]
     for target, lat, profile in zip(report["targets"], lats[1:], profiles):

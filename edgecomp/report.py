@@ -19,6 +19,7 @@ Schema `edgecomp.report/1` (stable keys; new keys may be added, none removed wit
                parity {samples, outputs {NAME: {max_abs, mean_abs, cosine_mean, cosine_min, sqnr_db,
                        [top1_agreement, accuracy, reference_accuracy, accuracy_drop]}}},
                latency {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, runs, warmup, rounds, round_p50_ms [per round],
+                        inputs (validation samples the timed runs cycle through),
                         distribution_ms [101 quantiles, 0..100 %], ratio_to_reference, round_ratios,
                         ratio_ci95 [lo, hi] (95 % interval of the per-round ratios)},
                verdict {ok, checks [{metric, value, limit, op, ok}], not_applicable [..]},
@@ -159,7 +160,8 @@ def markdown(report: dict[str, Any]) -> str:
         if t["latency"]:
             lat = t["latency"]
             lines.append(f"- latency: p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
-                         f"({lat['runs']} runs), {lat['ratio_to_reference']:.2f}x the reference; load {t['load']['load_s']:.2f} s")
+                         f"({lat['runs']} runs over {lat.get('inputs', 1)} inputs), {lat['ratio_to_reference']:.2f}x the reference; "
+                         f"load {t['load']['load_s']:.2f} s")
         lines += ["", "| output | metric | value |", "|---|---|---|"]
         for name, metrics in t["parity"]["outputs"].items():
             lines += [f"| {name} | {k} | {v:.6g} |" for k, v in metrics.items()]

@@ -31,3 +31,14 @@ def test_rounds_alternate_and_each_runner_gets_its_feed() -> None:
     switches = sum(1 for x, y in zip(timed, timed[1:]) if x != y)
     assert switches == 2 * 4 - 1  # a-block, b-block, four times over
     assert [lat["runs"] for lat in lats] == [12, 12] and all(lat["rounds"] == 4 for lat in lats)
+
+
+def test_a_list_of_inputs_is_cycled_through() -> None:
+    """An input-dependent runner (a graph that trims padding) is timed over every input, in turn."""
+    log: list[str] = []
+    settings = {"warmup": 0, "runs": 9, "min_seconds": 0.0}
+    a = _Recorder("a", 0.0, log)
+    cycle = [{"x": np.array([i])} for i in range(3)]
+    lats = interleaved([(a, settings)], [cycle], rounds=1)
+    assert log[:3] == ["a:0", "a:1", "a:2"]  # warm-up: every input once
+    assert log[3:] == [f"a:{i % 3}" for i in range(9)] and lats[0]["runs"] == 9

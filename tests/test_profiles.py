@@ -53,8 +53,10 @@ def test_shipped_budgets_match_the_issue() -> None:
     assert load_profile("ort-fp32").budget["max_abs"] <= 1e-4
     assert load_profile("ort-int8").budget["cosine_mean"] >= 0.995
     assert load_profile("ort-int8-static").budget["top1_agreement"] >= 0.99
-    assert [p["name"] for p in load_profile("ort-int8").passes] == ["fuse-transformer", "smoothquant", "quantize-dynamic"]
-    assert [p["name"] for p in load_profile("ort-int8-static").passes] == ["quantize-static"]
+    assert [p["name"] for p in load_profile("ort-int8").passes] == ["fuse-transformer", "smoothquant", "quantize-dynamic",
+                                                                   "trim-padding"]
+    assert [p["name"] for p in load_profile("ort-int8-static").passes] == ["quantize-static", "trim-padding"]
+    assert all(load_profile(n).passes[-1]["name"] == "trim-padding" for n in ("ort-fp32", "ort-int8", "ort-int8-mixed"))
 
 
 def test_a_profile_by_path_loads(tmp_path: Path) -> None:

@@ -115,8 +115,8 @@ def evaluate(teacher: Path, student: Path, threads: int, rounds: int, runs: int)
     cos = (et * es).sum(1) / (np.linalg.norm(et, axis=1) * np.linalg.norm(es, axis=1))
     ratios, p50 = [], {"teacher": [], "student": []}
     for _ in range(rounds):
-        lt = latency(rt, feeds[0], warmup=10, runs=runs, min_seconds=1.0)["p50_ms"]
-        ls = latency(rs, feeds[0], warmup=10, runs=runs, min_seconds=1.0)["p50_ms"]
+        lt = latency(rt, feeds, warmup=10, runs=runs, min_seconds=1.0)["p50_ms"]
+        ls = latency(rs, feeds, warmup=10, runs=runs, min_seconds=1.0)["p50_ms"]
         p50["teacher"].append(lt)
         p50["student"].append(ls)
         ratios.append(lt / ls)

@@ -34,6 +34,8 @@ PASSES: dict[str, PassInfo] = {
                             "SmoothQuant: per-channel scales move activation outliers into MatMul weights (exact in float)"),
     "fuse-transformer": PassInfo("edgecomp.passes.fuse_transformer", "graph", ("onnxruntime",),
                                  "transformer fusion for ORT's CPU kernels (Attention, Gelu, EmbedLayerNorm; Add + LayerNorm kept apart)"),
+    "trim-padding": PassInfo("edgecomp.passes.trim_padding", "graph", ("onnx",),
+                             "cut the sequence inputs to the batch's last real token inside the graph (exact for masked encoders)"),
     "mixed-precision": PassInfo("edgecomp.passes.mixed_precision", "graph", ("onnxruntime",),
                                 "INT8 with the fewest layers kept in fp32 that meet a cosine target (error attribution)"),
     "distill": PassInfo("edgecomp.passes.distill", "torch", ("torch",),

@@ -33,6 +33,11 @@ class Recovery:
     lr: float = 1e-4
     seed: int = -1  # -1: the build's seed
     checkpoint_dir: str = ""
+    # the distillation loss of the fine-tune (weights as in the distill pass; kd for classifiers)
+    embed_cos: float = 1.0
+    relation: float = 1.0
+    hidden: float = 1.0
+    augment: float = 0.0  # share of token samples rewritten per batch for the teacher to label
 
 
 def torch_module(model: ModelHandle, pass_name: str) -> Any:

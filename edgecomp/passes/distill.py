@@ -136,8 +136,10 @@ def recover(teacher: Any, student: Any, model: ModelHandle, ctx: PassContext, p:
                         seed=p.seed, checkpoint_dir=getattr(p, "checkpoint_dir", ""), resume=getattr(p, "resume", ""))
     if scratch and q.checkpoint_dir:
         q.checkpoint_dir = str(Path(q.checkpoint_dir) / scratch)
+    augment = float(getattr(p, "augment", 0.0))
     return distill_student(teacher, student, model, ctx, weights=weights_for(p, ctx),
-                           cfg=train_config(q, ctx, f"{label}/{scratch or 'recovery'}"), after_step=after_step, label=label)
+                           cfg=train_config(q, ctx, f"{label}/{scratch or 'recovery'}"), after_step=after_step, label=label,
+                           augment=augment)
 
 
 def distill_student(teacher: Any, student: Any, model: ModelHandle, ctx: PassContext, *, weights: Weights,
