@@ -75,7 +75,8 @@ def test_digits_static_int8_keeps_top1(digits: tuple[Path, dict[str, Any]]) -> N
     assert logits["accuracy_drop"] <= 0.01
     # QDQ convs and the classifier are fused into int8 kernels: the report must not call them float
     assert t["meta"]["int8_compute_ops"] == 4 and t["meta"]["float_compute_ops"] == 0
-    export, record = t["passes"]  # the torch -> ONNX export, then the target's pass
+    export, record, trim = t["passes"]  # the torch -> ONNX export, then the target's passes
+    assert trim["pass"] == "trim-padding" and trim["applied"] is False  # an image model has no padding
     assert export["pass"] == "export" and export["exporter"] == "torchscript"
     assert record["pass"] == "quantize-static" and record["calibration_samples"] == 200 and record["method"] == "minmax"
     assert t["verdict"]["ok"] is True
@@ -126,7 +127,8 @@ def test_minilm_int8_cosine_and_latency(minilm: tuple[Path, dict[str, Any], floa
     assert t["precision_executed"] == "int8-dynamic"
     assert t["parity"]["samples"] == 96  # the whole validation split
     assert emb["cosine_mean"] >= 0.995 and emb["cosine_min"] >= 0.98  # SmoothQuant + per-channel (issue 6)
-    assert [p["pass"] for p in t["passes"]] == ["export", "fuse-transformer", "smoothquant", "quantize-dynamic"]
+    assert [p["pass"] for p in t["passes"]] == ["export", "fuse-transformer", "smoothquant", "quantize-dynamic", "trim-padding"]
+    assert t["passes"][4]["applied"] and t["latency"]["inputs"] == 96  # timed over every validation sentence
     assert t["passes"][3]["per_channel"] is True and t["passes"][1]["fused"]["Attention"] == 6  # one per layer
     assert t["meta"]["int8_compute_ops"] > 0
     lat = t["latency"]

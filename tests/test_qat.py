@@ -95,7 +95,9 @@ def test_qat_bert_exports_qdq_that_onnxruntime_matches(bert, tmp_path: Path):
     np.testing.assert_allclose(sorted(scales), sorted(trained.values()), rtol=1e-5)
     arrays = stacked(ctx.samples.validation)
     ref = torch_out(out.torch_module, arrays)
-    np.testing.assert_allclose(ort_run(exported.onnx_path, arrays, optimize=False), ref, atol=1e-5)
+    # 1e-4: an activation within float rounding of a quantization step's midpoint may round the other way
+    # in ONNX Runtime than in torch (seen on a Xeon with AMX: 12 of 512 values off by 3e-5)
+    np.testing.assert_allclose(ort_run(exported.onnx_path, arrays, optimize=False), ref, atol=1e-4)
     fused = ort_run(exported.onnx_path, arrays, optimize=True)  # int8 kernels (MatMulIntegerToFloat)
     assert cosine(fused, ref).min() > 0.9999
     assert cosine(ref, torch_out(handle.torch_module, arrays)).mean() > 0.99  # still close to the fp32 model
