@@ -329,10 +329,6 @@ def diff(a: Path, b: Path, samples: Path | None, jump_db: float, top: int, as_js
     return 0
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _forget_interrupt() -> None:
     """CPython (3.11, 3.12) quirk: a KeyboardInterrupt that passed through `exec` of a string (scipy does
     that while importing) sets a flag that makes the interpreter kill itself with SIGINT at exit, so the
@@ -342,7 +338,10 @@ def _forget_interrupt() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps every failure to one stderr line and an exit code."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    from edgecomp.output import on_signal
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     _quiet_libraries()
     try:
         code = cli.main(args=argv, prog_name="edgecomp", standalone_mode=False)

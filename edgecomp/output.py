@@ -16,6 +16,15 @@ from pathlib import Path
 from edgecomp.errors import UsageError
 
 MARKER = "report.json"  # an existing folder is replaced only if edgecomp wrote it
+_signalled: list[int] = []  # SIGINT / SIGTERM received by this process (see `on_signal`)
+
+
+def on_signal(signum: int, frame: object) -> None:
+    """Handler for SIGINT and SIGTERM: remember the signal, then interrupt. A library that swallows the
+    KeyboardInterrupt (some catch everything around their imports) cannot make the build commit: the
+    staging folder is only moved into place while no signal has arrived."""
+    _signalled.append(signum)
+    raise KeyboardInterrupt
 
 
 def check_destination(out: Path) -> None:
@@ -46,6 +55,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     stage.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield stage
+        if _signalled:
+            raise KeyboardInterrupt
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -119,3 +119,21 @@ def test_a_killed_build_is_swept_by_the_next(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "out") as stage:
         (stage / "report.json").write_text("{}")
     assert not stale.exists() and live.is_dir() and (tmp_path / "out" / "report.json").is_file()
+
+
+def test_a_swallowed_interrupt_still_stops_the_commit(tmp_path: Path) -> None:
+    """A library that catches the KeyboardInterrupt raised by Ctrl-C cannot make the build move into place."""
+    import edgecomp.output as output
+
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with output.atomic_dir(out) as stage:
+                (stage / "report.json").write_text("{}")
+                try:
+                    output.on_signal(2, None)
+                except KeyboardInterrupt:
+                    pass  # swallowed, as some imports do
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+    finally:
+        output._signalled.clear()
