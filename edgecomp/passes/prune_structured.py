@@ -192,10 +192,10 @@ def head_score(layer: Any, stat: tuple[Any, Any] | None, importance: str) -> Any
     if importance != "variance" or stat is None or stat[1] is None:
         return head_magnitude(layer)
     sa, o = layer.attention.self, layer.attention.output.dense
-    d = sa.attention_head_size
-    w, cov = o.weight.detach().double(), stat[1]
-    return torch.stack([((w[:, h * d:(h + 1) * d] @ cov[h * d:(h + 1) * d, h * d:(h + 1) * d]) * w[:, h * d:(h + 1) * d]).sum()
-                        for h in range(sa.num_attention_heads)]).float()
+    n, d = sa.num_attention_heads, sa.attention_head_size
+    w = o.weight.detach().double().view(o.out_features, n, d)  # Wo_h = w[:, h]
+    cov = stat[1].view(n, d, n, d)  # Cov(c_h) = cov[h, :, h]
+    return torch.stack([((w[:, h] @ cov[h, :, h]) * w[:, h]).sum() for h in range(n)]).float()
 
 
 def neuron_score(layer: Any, stat: tuple[Any, Any] | None, importance: str) -> Any:
@@ -301,11 +301,7 @@ def prune_heads(tr: Any, index: int, layer: Any, heads: list[int], stat: tuple[A
     `stat` = (mean, cov) of the attention output's input: fold the removed heads' mean, or refit."""
     att = layer.attention
     d = att.self.attention_head_size
-    cols = [h * d + j for h in heads for j in range(d)]
-    keep = [c for c in range(att.output.dense.in_features) if c not in set(cols)]
-    solved = refit_linear(att.output.dense, keep, stat) if refit and stat is not None and stat[1] is not None else None
-    if stat is not None and solved is None:
-        _fold(att.output.dense, cols, stat[0])
+    solved = _compensate(att.output.dense, [h * d + j for h in heads for j in range(d)], stat, refit)
     current = [h for h in range(att.self.num_attention_heads + len(att.pruned_heads)) if h not in att.pruned_heads]
     original = [current[h] for h in heads]
     att.prune_heads(original)
@@ -315,6 +311,17 @@ def prune_heads(tr: Any, index: int, layer: Any, heads: list[int], stat: tuple[A
     pruned[index] = sorted(set(pruned.get(index, [])) | set(original))
     tr.config.pruned_heads = pruned
     return original
+
+
+def _compensate(linear: Any, removed: list[int], stat: tuple[Any, Any] | None, refit: bool) -> tuple[Any, Any] | None:
+    """Before `removed` inputs of `linear` are cut: fold their mean into its bias, or, with `refit` (and a
+    covariance), solve its weights on the kept inputs; returns that (weight, bias) to `_assign` after the cut."""
+    if stat is None or not removed:
+        return None
+    if refit and stat[1] is not None:
+        return refit_linear(linear, [c for c in range(linear.in_features) if c not in set(removed)], stat)
+    _fold(linear, removed, stat[0])
+    return None
 
 
 def _assign(linear: Any, weight: Any, bias: Any) -> None:
@@ -338,12 +345,8 @@ def prune_neurons(layer: Any, drop: list[int], stat: tuple[Any, Any] | None = No
     import torch
     from transformers.pytorch_utils import prune_linear_layer
 
-    n = layer.intermediate.dense.out_features
-    keep = [j for j in range(n) if j not in set(drop)]
-    solved = refit_linear(layer.output.dense, keep, stat) if refit and drop and stat is not None and stat[1] is not None else None
-    if stat is not None and drop and solved is None:
-        _fold(layer.output.dense, drop, stat[0])
-    idx = torch.tensor(keep, dtype=torch.long)
+    solved = _compensate(layer.output.dense, drop, stat, refit)
+    idx = torch.tensor([j for j in range(layer.intermediate.dense.out_features) if j not in set(drop)], dtype=torch.long)
     layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, idx, dim=0)
     layer.output.dense = prune_linear_layer(layer.output.dense, idx, dim=1)
     if solved is not None:
