@@ -138,6 +138,37 @@ def test_distill_drops_layers_and_learns(bert):
     assert embed(out.torch_module, ctx.samples.validation).shape == (16, HIDDEN)
 
 
+def test_distill_teacher_cache_matches_the_teacher_on_mixed_batches():
+    """Rows cached in an earlier step and rows the teacher has not seen (augmented: _idx -1) share a batch:
+    the targets equal one teacher forward on the whole batch, on every real position."""
+    from edgecomp.passes._train_distill import Weights, make_distiller
+
+    teacher = tiny_encoder()
+    student = tiny_encoder()
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    d = make_distiller(student, teacher, names, Weights(hidden=1.0, attention=1.0, embed_cos=1.0))
+    data = {k: torch.from_numpy(v) for k, v in token_arrays(8, seed=3).items()}
+    first = dict(data, _idx=torch.arange(8))
+    d.teach(first, [first[n] for n in names], first["attention_mask"])
+    assert sorted(d.cache) == list(range(8)) and d.cache_bytes > 0
+    mixed = {k: v[[5, 0, 2, 7]] for k, v in data.items()} | {"_idx": torch.tensor([5, -1, 2, -1])}
+    got_out, got_hid, got_att = d.teach(mixed, [mixed[n] for n in names], mixed["attention_mask"])
+    want_out, want_hid, want_att = d.run_teacher([mixed[n] for n in names])
+    real = mixed["attention_mask"].bool()
+    torch.testing.assert_close(got_out, want_out, atol=1e-6, rtol=0)
+    assert sum(h is not None for h in got_hid) == LAYERS + 1 and sum(a is not None for a in got_att) == LAYERS
+    for g, w in zip(got_hid, want_hid):
+        if w is not None:
+            torch.testing.assert_close(g[real], w[real], atol=1e-5, rtol=0)
+            assert float(g[~real].abs().max()) == 0.0  # cached rows are stored to their real length
+    for g, w in zip(got_att, want_att):
+        if w is not None:
+            keys = real[:, None, None, :].expand_as(w) & real[:, None, :, None].expand_as(w)
+            torch.testing.assert_close(g[keys], w[keys], atol=1e-6, rtol=0)
+    assert sorted(d.cache) == list(range(8))  # augmented rows are never cached
+    d.close()
+
+
 def test_distill_narrower_student_uses_projections(bert, tmp_path: Path):
     handle, ctx = bert
     cfg = tmp_path / "student.json"

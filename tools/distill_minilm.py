@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from pathlib import Path
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from minilm_judge import evaluate, run  # noqa: E402
 # 1000-step comparisons on the 8,609-sentence train split (validation Spearman): augment 1.0 -> 0.3 +0.010,
 # embed_cos 1 -> 10 +0.011, hidden 5 -> 20 +0.003, teacher forcing none within noise, hidden 0 -0.015,
 # attention maps, lr 1e-3 and trained embeddings within noise.
@@ -58,15 +59,15 @@ def main() -> int:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "-m", "edgecomp.passes.distill", "minilm",
                "--out", str(train), *[a for o in options.split(",") for a in ("--set", o)]]
-        _run(cmd, {"OMP_NUM_THREADS": "1"})
+        run(cmd, {"OMP_NUM_THREADS": "1"})
         options += f",resume={train / 'checkpoints' / 'last.pt'}"
     else:
         options += ",threads=2"
     train_wall = time.perf_counter() - t0
     student, teacher = out / "student", out / "teacher"
-    _run([*cli, "build", "minilm", "--pass", f"distill:{options}", "--target", "ort-fp32", "--out", str(student)],
+    run([*cli, "build", "minilm", "--pass", f"distill:{options}", "--target", "ort-fp32", "--out", str(student)],
          ok=(0, 1))
-    _run([*cli, "build", "minilm", "--target", "ort-fp32", "--out", str(teacher)])
+    run([*cli, "build", "minilm", "--target", "ort-fp32", "--out", str(teacher)])
     summary = evaluate(teacher / "ort-fp32", student / "ort-fp32", args.threads, args.rounds, args.runs)
     rep_s = json.loads((student / "report.json").read_text())
     rep_t = json.loads((teacher / "report.json").read_text())
@@ -87,48 +88,6 @@ def main() -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0 if summary["ok"] else 1
-
-
-def _run(cmd: list[str], env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> None:
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
-    if proc.returncode not in ok:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-
-
-def evaluate(teacher: Path, student: Path, threads: int, rounds: int, runs: int) -> dict[str, float]:
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    from edgecomp.artifact import load_runner
-    from edgecomp.bench import latency
-    from edgecomp.recipe import load_recipe
-
-    recipe = load_recipe("minilm")
-    feeds = recipe.module().samples(recipe).validation
-    rt, _, _ = load_runner(teacher, threads)
-    rs, _, _ = load_runner(student, threads)
-    et = np.concatenate([rt(f)["sentence_embedding"] for f in feeds])
-    es = np.concatenate([rs(f)["sentence_embedding"] for f in feeds])
-
-    def pair_sims(e: np.ndarray) -> np.ndarray:
-        z = e / np.linalg.norm(e, axis=1, keepdims=True)
-        return (z @ z.T)[np.triu_indices(len(z), 1)]
-
-    cos = (et * es).sum(1) / (np.linalg.norm(et, axis=1) * np.linalg.norm(es, axis=1))
-    ratios, p50 = [], {"teacher": [], "student": []}
-    for _ in range(rounds):
-        lt = latency(rt, feeds, warmup=10, runs=runs, min_seconds=1.0)["p50_ms"]
-        ls = latency(rs, feeds, warmup=10, runs=runs, min_seconds=1.0)["p50_ms"]
-        p50["teacher"].append(lt)
-        p50["student"].append(ls)
-        ratios.append(lt / ls)
-    return {"validation_sentences": len(feeds), "pairs": int(len(feeds) * (len(feeds) - 1) / 2),
-            "spearman": float(spearmanr(pair_sims(et), pair_sims(es)).statistic),
-            "embedding_cosine_mean": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
-            "speedup_p50": float(np.median(ratios)), "speedup_per_round": [round(r, 3) for r in ratios],
-            "p50_ms_teacher": float(np.median(p50["teacher"])), "p50_ms_student": float(np.median(p50["student"])),
-            "bench_threads": threads}
 
 
 if __name__ == "__main__":

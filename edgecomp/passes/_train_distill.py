@@ -26,7 +26,7 @@ from typing import Any
 
 from edgecomp.passes._torch_util import find_transformer
 
-CACHE_LIMIT = 2 << 30  # bytes of cached teacher outputs; past it the teacher simply runs every step
+CACHE_MAX = 8 << 30  # bytes of cached teacher outputs per process at most; past the limit the teacher simply runs
 TERMS = ("kd", "hidden", "attention", "relation", "embed_cos", "embed_mse")
 
 
@@ -131,6 +131,7 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
             self.att_used = set(self.layer_map) if want_attn else set()
             self.cache: dict[int, tuple[Any, list[Any], list[Any]]] = {}
             self.cache_bytes = 0
+            self.cache_limit = cache_limit()
 
         def set_progress(self, frac: float) -> None:
             """Called by the training loop before each step (share of the run done)."""
@@ -198,31 +199,31 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
 
         def teach(self, batch: dict[str, Any], args: list[Any], mask: Any) -> tuple[Any, list[Any], list[Any]]:
             """The teacher's output, hidden states and attention maps for the batch. The teacher is
-            frozen and deterministic, so each sample's are computed once (first epoch) and cached
-            by the sample's `_idx`, cut to its real length: later epochs skip the teacher."""
+            frozen and deterministic, so each sample's are computed once and cached by the sample's
+            `_idx`, cut to its real length. The teacher runs only on the rows not cached yet (the first
+            epoch's, and augmented rows, which are new text every time): with augmentation nearly every
+            batch holds such rows, and the rest still come from the cache."""
             idx = batch.get("_idx")
-            hit = idx is not None and all(int(i) in self.cache for i in idx)
-            if not hit:
-                was = teacher.training
-                teacher.eval()
-                with torch.no_grad():
-                    t_out = teacher(*args)
-                teacher.train(was)
-                t_hid, t_att = self.t_taps.take() if self.t_taps else ([], [])
-                t_hid = [h if k in self.hid_used else None for k, h in enumerate(t_hid)]
-                t_att = [a if k in self.att_used else None for k, a in enumerate(t_att)]
-                if idx is not None and self.cache_bytes < CACHE_LIMIT:
-                    lens = mask.sum(1).tolist() if mask is not None else [None] * len(idx)
-                    for b, (i, n) in enumerate(zip(idx.tolist(), lens)):
-                        if i < 0:  # an augmented sample: new text, nothing to reuse
-                            continue
-                        row = (t_out[b].clone(), [None if h is None else h[b, :n].clone() for h in t_hid],
-                               [None if a is None else a[b, :, :n, :n].clone() for a in t_att])
-                        self.cache[i] = row
+            if idx is None:
+                return self.run_teacher(args)
+            keys = idx.tolist()
+            miss = [b for b, i in enumerate(keys) if i < 0 or i not in self.cache]
+            fresh: dict[int, tuple[Any, list[Any], list[Any]]] = {}
+            if miss:
+                sub = torch.tensor(miss, dtype=torch.long)
+                t_out, t_hid, t_att = self.run_teacher([a[sub] for a in args])
+                lens = mask[sub].sum(1).tolist() if mask is not None else [None] * len(miss)
+                for r, (b, n) in enumerate(zip(miss, lens)):
+                    row = (t_out[r].clone(), [None if h is None else h[r, :n].clone() for h in t_hid],
+                           [None if a is None else a[r, :, :n, :n].clone() for a in t_att])
+                    fresh[b] = row
+                    if keys[b] >= 0 and self.cache_bytes < self.cache_limit:
+                        self.cache[keys[b]] = row
                         self.cache_bytes += sum(t.numel() * t.element_size() for t in [row[0], *row[1], *row[2]]
                                                 if t is not None)
-                return t_out, t_hid, t_att
-            rows = [self.cache[int(i)] for i in idx]
+                if len(miss) == len(keys):
+                    return t_out, t_hid, t_att
+            rows = [fresh[b] if b in fresh else self.cache[i] for b, i in enumerate(keys)]
             seq = mask.shape[1] if mask is not None else None
             t_out = torch.stack([r[0] for r in rows])
             t_hid = [None if rows[0][1][k] is None else torch.stack([_pad(r[1][k], seq, (0,)) for r in rows])
@@ -231,12 +232,36 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
                      for k in range(len(rows[0][2]))]
             return t_out, t_hid, t_att
 
+        def run_teacher(self, args: list[Any]) -> tuple[Any, list[Any], list[Any]]:
+            """One teacher forward (eval mode, no grad): output, and the hidden states / attention maps the
+            loss uses (None in the others' places)."""
+            was = teacher.training
+            teacher.eval()
+            with torch.no_grad():
+                t_out = teacher(*args)
+            teacher.train(was)
+            t_hid, t_att = self.t_taps.take() if self.t_taps else ([], [])
+            return (t_out, [h if k in self.hid_used else None for k, h in enumerate(t_hid)],
+                    [a if k in self.att_used else None for k, a in enumerate(t_att)])
+
         def close(self) -> None:
             for taps in (self.s_taps, self.t_taps):
                 if taps is not None:
                     taps.remove()
 
     return Distiller()
+
+
+def cache_limit() -> int:
+    """Bytes of teacher outputs one training process may cache: a quarter of the memory available now,
+    shared by the processes on this machine (torchrun's LOCAL_WORLD_SIZE), at most CACHE_MAX."""
+    import os
+
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free = 8 << 30
+    return int(min(CACHE_MAX, free // 4 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 def augment_tokens(batch: dict[str, Any], p: float, vocab: Any = None) -> dict[str, Any]:
