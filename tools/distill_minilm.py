@@ -19,37 +19,25 @@ Prints one JSON object (also written to OUT/summary.json).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("USE_TF", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from minilm_judge import evaluate, run  # noqa: E402
-# 1000-step comparisons on the 8,609-sentence train split (validation Spearman): augment 1.0 -> 0.3 +0.010,
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_judge import evaluate, finish, parse, parser, run  # noqa: E402
+# 1000-step comparisons on the 8,609-sentence train split of an earlier corpus (validation Spearman): augment 1.0 -> 0.3 +0.010,
 # embed_cos 1 -> 10 +0.011, hidden 5 -> 20 +0.003, teacher forcing none within noise, hidden 0 -0.015,
 # attention maps, lr 1e-3 and trained embeddings within noise.
 DEFAULT_OPTIONS = "num_layers=3,batch_size=32,lr=5e-4,augment=0.3,embed_cos=10,relation=20,hidden=20"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "build" / "distill-minilm")
-    ap.add_argument("--steps", type=int, default=5000, help="optimizer steps (bounded training: 16 min on 2 cores)")
-    ap.add_argument("--options", default=DEFAULT_OPTIONS, help="more distill options, k=v,k=v")
+    ap = parser(__doc__, "distill-minilm", 5000, "optimizer steps (bounded training: 16-23 min on 2 cores, by machine)",
+                DEFAULT_OPTIONS, "distill")
     ap.add_argument("--nproc", type=int, default=2, help="training processes (torchrun); 1: train inside the build")
-    ap.add_argument("--threads", type=int, default=2, help="threads of both ONNX Runtime sessions when benchmarking")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=200)
-    args = ap.parse_args()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse(ap)
     options = f"{args.options},steps={args.steps}"
     cli = [sys.executable, "-m", "edgecomp"]
     t0 = time.perf_counter()
@@ -84,10 +72,7 @@ def main() -> int:
         "report_cosine_mean_vs_teacher": rep_s["targets"][0]["parity"]["outputs"]["sentence_embedding"]["cosine_mean"],
         "machine": rep_s["environment"]["cpu"], "cores": rep_s["environment"]["cores"],
     }
-    summary["ok"] = summary["spearman"] >= 0.95 and summary["speedup_p50"] >= 1.9
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["ok"] else 1
+    return finish(summary, summary["spearman"] >= 0.95 and summary["speedup_p50"] >= 1.9, out)
 
 
 if __name__ == "__main__":

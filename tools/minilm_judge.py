@@ -4,12 +4,45 @@ cosine, interleaved latency)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+os.environ.setdefault("USE_TF", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def parser(doc: str, name: str, steps: int, steps_help: str, options: str, pass_name: str) -> argparse.ArgumentParser:
+    """The options both tools take: output folder, training steps, the pass's options, benchmark settings."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / name)
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--options", default=options, help=f"more {pass_name} options, k=v,k=v")
+    ap.add_argument("--threads", type=int, default=2, help="threads of both ONNX Runtime sessions when benchmarking")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=200)
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser) -> tuple[Any, Path]:
+    """The parsed arguments and the output folder, created."""
+    args = ap.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return args, out
+
+
+def finish(summary: dict[str, Any], ok: bool, out: Path) -> int:
+    """Print the summary and write it to OUT/summary.json; the exit code: 0 when the targets are met."""
+    summary["ok"] = bool(ok)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0 if ok else 1
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> None:

@@ -18,34 +18,21 @@ OUT/summary.json); exit 0 when cosine >= 0.98 and speed-up >= 1.4 (the issue's t
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("USE_TF", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from minilm_judge import evaluate, run  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_judge import evaluate, finish, parse, parser, run  # noqa: E402
 
 # the recovery loss of tools/distill_minilm.py; 8000 steps on the 25,508-sentence corpus: cosine 0.9746
 DEFAULT_OPTIONS = "ratio=0.4,lr=5e-4,embed_cos=10,hidden=20,relation=20,augment=0.3"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "build" / "prune-minilm")
-    ap.add_argument("--steps", type=int, default=8000, help="recovery steps (about 0.25 s each on 2 cores)")
-    ap.add_argument("--options", default=DEFAULT_OPTIONS, help="more prune-structured options, k=v,k=v")
-    ap.add_argument("--threads", type=int, default=2, help="threads of both ONNX Runtime sessions when benchmarking")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=200)
-    args = ap.parse_args()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse(parser(__doc__, "prune-minilm", 8000, "recovery steps (about 0.3 s each on 2 cores)",
+                             DEFAULT_OPTIONS, "prune-structured"))
     options = f"{args.options},recover_steps={args.steps}"
     cli = [sys.executable, "-m", "edgecomp"]
     pruned, teacher = out / "pruned", out / "teacher"
@@ -69,10 +56,7 @@ def main() -> int:
         "linear_conv_macs_ratio": round(rec["linear_conv_macs_before"] / rec["linear_conv_macs_after"], 3),
         "machine": rep["environment"]["cpu"], "cores": rep["environment"]["cores"],
     }
-    summary["ok"] = summary["embedding_cosine_mean"] >= 0.98 and summary["speedup_p50"] >= 1.4
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["ok"] else 1
+    return finish(summary, summary["embedding_cosine_mean"] >= 0.98 and summary["speedup_p50"] >= 1.4, out)
 
 
 if __name__ == "__main__":
