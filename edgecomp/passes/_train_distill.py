@@ -253,7 +253,7 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
 
 
 def cache_limit() -> int:
-    """Bytes of teacher outputs one training process may cache: a quarter of the memory available now,
+    """Bytes of teacher outputs one training process may cache: a quarter of the free memory now (page cache not counted),
     shared by the processes on this machine (torchrun's LOCAL_WORLD_SIZE), at most CACHE_MAX."""
     import os
 
