@@ -12,6 +12,10 @@ step). Resuming loads it and skips the batches already done, so a resumed run co
 the saved step and ends where an uninterrupted run would.
 
 Schedule: AdamW, linear warm-up over `warmup` of the steps, then linear decay to zero.
+
+Precision: `precision="bf16"` runs the forward (and so the backward) under CPU autocast to bfloat16,
+with fp32 master weights and optimizer; about 1.6x faster per step on CPUs with native bf16
+(AVX512-BF16, AMX) and much slower on others, so "auto" takes bf16 only where the CPU has it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class TrainConfig:
     checkpoint_dir: Path | None = None
     resume: Path | None = None
     keep_checkpoints: bool = False  # True: also keep step-N.pt beside last.pt (rewritten every epoch)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the CPU computes it natively)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class TrainResult:
     checkpoints: list[str] = field(default_factory=list)
     world_size: int = 1
     resumed_world_size: int = 1  # the ranks that trained the checkpoint this run resumed from
+    precision: str = "fp32"  # what the forward ran in (auto resolved)
     seconds: float = 0.0  # wall-clock seconds of training, this run plus the runs it resumed
     cpu_seconds: float = 0.0  # CPU seconds (all threads) of this process, likewise
 
@@ -74,6 +80,18 @@ def init_distributed() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     return world()
+
+
+def resolve_precision(precision: str) -> str:
+    """fp32 or bf16 for a TrainConfig.precision; "auto" is bf16 only where oneDNN computes it natively."""
+    import torch
+
+    if precision not in ("fp32", "bf16", "auto"):
+        raise UsageError(f"precision must be fp32, bf16 or auto, not {precision!r}")
+    if precision == "auto":
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return "bf16" if native else "fp32"
+    return precision
 
 
 def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
@@ -118,7 +136,9 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
 
-    result = TrainResult(steps=0, epochs_done=0.0, start_step=0, world_size=size)
+    result = TrainResult(steps=0, epochs_done=0.0, start_step=0, world_size=size,
+                         precision=resolve_precision(cfg.precision))
+    bf16 = result.precision == "bf16"
     step = 0
     if cfg.resume is not None:
         step = _load_checkpoint(Path(cfg.resume), model, opt, sched, result, label)
@@ -147,7 +167,8 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
                 batch = {k: v[idx] for k, v in data.items()}
                 if hasattr(model, "set_progress"):
                     model.set_progress(step / total)
-                loss, parts = net(batch)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss, parts = net(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip > 0:

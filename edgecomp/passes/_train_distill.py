@@ -9,6 +9,10 @@ states / attention maps of mapped layers (student layer i imitates teacher layer
   attention mean_i KL(A_map[i]^t || A_i^s) per real query row; maps are averaged over heads when
             the head counts differ
   relation  MSE(C(s), C(t)), C(x) = the batch's pairwise cosine-similarity matrix
+  anchor    MSE(C(s, Q), C(t, Q)), C(x, Q) = cosines of the batch to a queue Q of the last ANCHORS
+            teacher outputs (earlier batches'): the embedding error measured only in the directions
+            that tell sentences apart, which is what similarity rankings are made of, over far more
+            pairs than one batch holds
   embed_cos mean(1 - cos(s, t));  embed_mse  MSE(s, t)
   total     = sum of weight * term over the terms with a non-zero weight that the model supports.
 
@@ -27,7 +31,8 @@ from typing import Any
 from edgecomp.passes._torch_util import find_transformer
 
 CACHE_MAX = 8 << 30  # bytes of cached teacher outputs per process at most; past the limit the teacher simply runs
-TERMS = ("kd", "hidden", "attention", "relation", "embed_cos", "embed_mse")
+TERMS = ("kd", "hidden", "attention", "relation", "anchor", "embed_cos", "embed_mse")
+ANCHORS = 1024  # teacher outputs the anchor term compares against (a queue, newest first)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Weights:
     hidden: float = 0.0
     attention: float = 0.0
     relation: float = 0.0
+    anchor: float = 0.0
     embed_cos: float = 0.0
     embed_mse: float = 0.0
     alpha: float = 0.5
@@ -132,6 +138,7 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
             self.cache: dict[int, tuple[Any, list[Any], list[Any]]] = {}
             self.cache_bytes = 0
             self.cache_limit = cache_limit()
+            self.queue: Any = None  # the anchor term's last ANCHORS teacher outputs, unit length
 
         def set_progress(self, frac: float) -> None:
             """Called by the training loop before each step (share of the run done)."""
@@ -169,6 +176,12 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
             s_out = self.student(*args)
             self.forced = {}
             s_hid, s_att = self.s_taps.take() if self.s_taps else ([], [])
+            with torch.autocast("cpu", enabled=False):  # under bf16 training the loss is still taken in fp32
+                return self.loss(batch, mask, _fp32(s_out), [_fp32(h) for h in s_hid], [_fp32(a) for a in s_att],
+                                 t_out, t_hid, t_att)
+
+        def loss(self, batch: dict[str, Any], mask: Any, s_out: Any, s_hid: list[Any], s_att: list[Any],
+                 t_out: Any, t_hid: list[Any], t_att: list[Any]) -> tuple[Any, dict[str, Any]]:
             parts: dict[str, Any] = {}
             w = self.w
             if w.kd > 0:
@@ -184,6 +197,13 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
                 parts["embed_mse"] = F.mse_loss(s_emb, t_out)
             if w.relation > 0:
                 parts["relation"] = F.mse_loss(_cos_matrix(s_out), _cos_matrix(t_out))
+            if w.anchor > 0:
+                t_unit = F.normalize(t_out.flatten(1), dim=-1)
+                if self.queue is not None:
+                    s_unit = F.normalize(s_out.flatten(1), dim=-1)
+                    parts["anchor"] = F.mse_loss(s_unit @ self.queue.T, t_unit @ self.queue.T)
+                if self.training:
+                    self.queue = torch.cat([t_unit.detach(), *([] if self.queue is None else [self.queue])])[:ANCHORS]
             if w.hidden > 0 and self.transformer:
                 pairs = [(0, 0)] + [(i + 1, j + 1) for i, j in enumerate(self.layer_map)]
                 losses = []
@@ -237,7 +257,7 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
             loss uses (None in the others' places)."""
             was = teacher.training
             teacher.eval()
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):  # fp32 targets, whatever the student runs in
                 t_out = teacher(*args)
             teacher.train(was)
             t_hid, t_att = self.t_taps.take() if self.t_taps else ([], [])
@@ -250,6 +270,12 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
                     taps.remove()
 
     return Distiller()
+
+
+def _fp32(x: Any) -> Any:
+    import torch
+
+    return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def cache_limit() -> int:

@@ -9,7 +9,8 @@ projections map its hidden states to the teacher's width.
 
 Loss (see `_train_distill` for the formulas): kd (soft targets at temperature T, weight alpha,
 scaled by T^2; hard labels when the recipe has them) for classifiers; embed_cos / embed_mse on the
-output embedding for encoders; relation (pairwise cosine matrices of a batch); hidden-state MSE
+output embedding for encoders; relation (pairwise cosine matrices of a batch); anchor (cosines of
+the batch to a queue of earlier teacher outputs); hidden-state MSE
 over `layer_map`; attention-map KL. Terms a model cannot have are dropped and the record says
 which ran. Data: the recipe's train split. Training: `_train.train` (AdamW, warm-up + linear
 decay, seeded, checkpoint each epoch, `resume`, DDP under torchrun).
@@ -28,6 +29,7 @@ from typing import Any
 
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
+from edgecomp.passes import choice
 from edgecomp.passes._torch_util import Clock, clone, downsample, find_transformer, plot_curve, record, stats, torch_module
 from edgecomp.passes._train import TrainConfig
 from edgecomp.passes._train_distill import Weights
@@ -52,6 +54,7 @@ class Params:
     embed_cos: float = 1.0
     embed_mse: float = 0.0
     relation: float = 1.0
+    anchor: float = 0.0
     hidden: float = 1.0
     attention: float = 0.0
     # training
@@ -68,6 +71,7 @@ class Params:
     forcing_until: float = 0.5  # ... falling linearly to 0 at this share of the run
     augment: float = 0.0  # share of token samples rewritten per batch (replace / delete / splice) for the teacher to label
     train_embeddings: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast (fp32 weights, loss and teacher) where the CPU has it natively
     checkpoint_dir: str = ""  # "": the build's scratch folder (deleted with it); a path keeps them
     keep_checkpoints: bool = False
     resume: str = ""
@@ -84,6 +88,7 @@ class Params:
             raise ValueError("augment must be in [0, 1] and dropout in [0, 1) (or -1: the model's own)")
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
             raise ValueError("temperature must be > 0 and alpha in [0, 1]")
+        choice("precision", self.precision, ("fp32", "bf16", "auto"))
 
 
 def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
@@ -109,7 +114,8 @@ def train_config(p: Any, ctx: PassContext, scratch: str) -> TrainConfig:
                        weight_decay=getattr(p, "weight_decay", 0.01), warmup=getattr(p, "warmup", 0.06),
                        seed=seed if seed >= 0 else ctx.seed, checkpoint_dir=folder,
                        resume=Path(p.resume) if getattr(p, "resume", "") else None,
-                       keep_checkpoints=getattr(p, "keep_checkpoints", False))
+                       keep_checkpoints=getattr(p, "keep_checkpoints", False),
+                       precision=getattr(p, "precision", "fp32"))
 
 
 def weights_for(p: Any, ctx: PassContext) -> Weights:
@@ -120,6 +126,7 @@ def weights_for(p: Any, ctx: PassContext) -> Weights:
     get = lambda k, d: float(getattr(p, k, d))  # noqa: E731
     return Weights(kd=get("kd", 1.0) if cls else 0.0, embed_cos=0.0 if cls else get("embed_cos", 1.0),
                    embed_mse=0.0 if cls else get("embed_mse", 0.0), relation=get("relation", 1.0),
+                   anchor=get("anchor", 0.0),
                    hidden=get("hidden", 1.0), attention=get("attention", 0.0),
                    alpha=get("alpha", 0.5), temperature=get("temperature", 2.0))
 
@@ -133,7 +140,8 @@ def recover(teacher: Any, student: Any, model: ModelHandle, ctx: PassContext, p:
 
     q = SimpleNamespace(epochs=max(1, p.recover_epochs if epochs is None else epochs),
                         steps=p.recover_steps if steps is None else steps, batch_size=p.batch_size, lr=p.lr,
-                        seed=p.seed, checkpoint_dir=getattr(p, "checkpoint_dir", ""), resume=getattr(p, "resume", ""))
+                        seed=p.seed, checkpoint_dir=getattr(p, "checkpoint_dir", ""), resume=getattr(p, "resume", ""),
+                        precision=getattr(p, "precision", "fp32"))
     if scratch and q.checkpoint_dir:
         q.checkpoint_dir = str(Path(q.checkpoint_dir) / scratch)
     augment = float(getattr(p, "augment", 0.0))
@@ -191,7 +199,7 @@ def distill_student(teacher: Any, student: Any, model: ModelHandle, ctx: PassCon
             "weights": {k: v for k, v in dataclasses.asdict(weights).items() if v},
             "layer_map": distiller.layer_map, "projections": len(distiller.proj),
             "steps": res.steps, "start_step": res.start_step, "epochs": res.epochs_done, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "seed": cfg.seed, "world_size": res.world_size,
+            "lr": cfg.lr, "seed": cfg.seed, "world_size": res.world_size, "precision": res.precision,
             "threads": torch.get_num_threads() if threads <= 0 else threads,
             "dropout": dropout if dropout >= 0 else "model", "augment": augment,
             "teacher_forcing": list(forcing) if forcing[0] > 0 else None,
