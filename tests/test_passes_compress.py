@@ -199,37 +199,6 @@ def test_distill_bf16_trains_the_student_against_fp32_targets(bert):
     assert np.mean(tr["loss_curve"][-4:]) < 0.8 * np.mean(tr["loss_curve"][:4])
 
 
-def test_distill_anchor_term_compares_the_batch_with_earlier_teacher_outputs(monkeypatch):
-    """The anchor term starts with the second training step (the queue then holds the first batch's teacher
-    outputs), is zero for a student identical to its teacher and not for another, and the queue is capped."""
-    from edgecomp.passes import _train_distill as td
-    from edgecomp.passes._torch_util import clone
-
-    monkeypatch.setattr(td, "ANCHORS", 12)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    teacher = tiny_encoder()
-    batches = [{k: torch.from_numpy(v) for k, v in token_arrays(8, seed=s).items()} for s in (1, 2)]
-    second = {}
-    for name in ("same", "other"):
-        student = clone(teacher)
-        for m in student.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        if name == "other":
-            with torch.no_grad():
-                for w in student.parameters():
-                    w.add_(0.05 * torch.randn_like(w))
-        d = td.make_distiller(student, teacher, names, td.Weights(anchor=1.0))
-        d.train()
-        _, parts = d(batches[0])
-        assert "anchor" not in parts and d.queue.shape == (8, HIDDEN)
-        _, parts = d(batches[1])
-        assert d.queue.shape == (12, HIDDEN)  # 16 outputs seen, the newest 12 kept
-        second[name] = float(parts["anchor"])
-        d.close()
-    assert second["same"] < 1e-12 < 1e-4 < second["other"]
-
-
 def test_distill_narrower_student_uses_projections(bert, tmp_path: Path):
     handle, ctx = bert
     cfg = tmp_path / "student.json"

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_judge import evaluate, finish, parse, parser, run  # noqa: E402
 # 1000-step comparisons on the 8,609-sentence train split of an earlier corpus (validation Spearman): augment 1.0 -> 0.3 +0.010,
 # embed_cos 1 -> 10 +0.011, hidden 5 -> 20 +0.003, teacher forcing none within noise, hidden 0 -0.015,
-# attention maps, lr 1e-3 and trained embeddings within noise.
-DEFAULT_OPTIONS = "num_layers=3,batch_size=32,lr=5e-4,augment=0.3,embed_cos=10,relation=20,hidden=20"
+# attention maps, lr 1e-3 and trained embeddings within noise. precision=auto: bf16 autocast where the CPU has it
+# (1000 steps, 45k corpus, EPYC: Spearman 0.9120 either way, 238 s vs 277 s).
+DEFAULT_OPTIONS = "num_layers=3,batch_size=32,lr=5e-4,augment=0.3,embed_cos=10,relation=20,hidden=20,precision=auto"
 
 
 def main() -> int:

@@ -36,7 +36,6 @@ class Recovery:
     # the distillation loss of the fine-tune (weights as in the distill pass; kd for classifiers)
     embed_cos: float = 1.0
     relation: float = 1.0
-    anchor: float = 0.0
     hidden: float = 1.0
     augment: float = 0.0  # share of token samples rewritten per batch for the teacher to label
     precision: str = "fp32"  # the fine-tune's forward: fp32 | bf16 | auto (bf16 where the CPU has it natively)

@@ -9,10 +9,6 @@ states / attention maps of mapped layers (student layer i imitates teacher layer
   attention mean_i KL(A_map[i]^t || A_i^s) per real query row; maps are averaged over heads when
             the head counts differ
   relation  MSE(C(s), C(t)), C(x) = the batch's pairwise cosine-similarity matrix
-  anchor    MSE(C(s, Q), C(t, Q)), C(x, Q) = cosines of the batch to a queue Q of the last ANCHORS
-            teacher outputs (earlier batches'): the embedding error measured only in the directions
-            that tell sentences apart, which is what similarity rankings are made of, over far more
-            pairs than one batch holds
   embed_cos mean(1 - cos(s, t));  embed_mse  MSE(s, t)
   total     = sum of weight * term over the terms with a non-zero weight that the model supports.
 
@@ -31,8 +27,7 @@ from typing import Any
 from edgecomp.passes._torch_util import find_transformer
 
 CACHE_MAX = 8 << 30  # bytes of cached teacher outputs per process at most; past the limit the teacher simply runs
-TERMS = ("kd", "hidden", "attention", "relation", "anchor", "embed_cos", "embed_mse")
-ANCHORS = 1024  # teacher outputs the anchor term compares against (a queue, newest first)
+TERMS = ("kd", "hidden", "attention", "relation", "embed_cos", "embed_mse")
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,6 @@ class Weights:
     hidden: float = 0.0
     attention: float = 0.0
     relation: float = 0.0
-    anchor: float = 0.0
     embed_cos: float = 0.0
     embed_mse: float = 0.0
     alpha: float = 0.5
@@ -138,7 +132,6 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
             self.cache: dict[int, tuple[Any, list[Any], list[Any]]] = {}
             self.cache_bytes = 0
             self.cache_limit = cache_limit()
-            self.queue: Any = None  # the anchor term's last ANCHORS teacher outputs, unit length
 
         def set_progress(self, frac: float) -> None:
             """Called by the training loop before each step (share of the run done)."""
@@ -197,13 +190,6 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
                 parts["embed_mse"] = F.mse_loss(s_emb, t_out)
             if w.relation > 0:
                 parts["relation"] = F.mse_loss(_cos_matrix(s_out), _cos_matrix(t_out))
-            if w.anchor > 0:
-                t_unit = F.normalize(t_out.flatten(1), dim=-1)
-                if self.queue is not None:
-                    s_unit = F.normalize(s_out.flatten(1), dim=-1)
-                    parts["anchor"] = F.mse_loss(s_unit @ self.queue.T, t_unit @ self.queue.T)
-                if self.training:
-                    self.queue = torch.cat([t_unit.detach(), *([] if self.queue is None else [self.queue])])[:ANCHORS]
             if w.hidden > 0 and self.transformer:
                 pairs = [(0, 0)] + [(i + 1, j + 1) for i, j in enumerate(self.layer_map)]
                 losses = []

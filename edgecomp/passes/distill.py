@@ -9,8 +9,7 @@ projections map its hidden states to the teacher's width.
 
 Loss (see `_train_distill` for the formulas): kd (soft targets at temperature T, weight alpha,
 scaled by T^2; hard labels when the recipe has them) for classifiers; embed_cos / embed_mse on the
-output embedding for encoders; relation (pairwise cosine matrices of a batch); anchor (cosines of
-the batch to a queue of earlier teacher outputs); hidden-state MSE
+output embedding for encoders; relation (pairwise cosine matrices of a batch); hidden-state MSE
 over `layer_map`; attention-map KL. Terms a model cannot have are dropped and the record says
 which ran. Data: the recipe's train split. Training: `_train.train` (AdamW, warm-up + linear
 decay, seeded, checkpoint each epoch, `resume`, DDP under torchrun).
@@ -54,7 +53,6 @@ class Params:
     embed_cos: float = 1.0
     embed_mse: float = 0.0
     relation: float = 1.0
-    anchor: float = 0.0
     hidden: float = 1.0
     attention: float = 0.0
     # training
@@ -126,7 +124,6 @@ def weights_for(p: Any, ctx: PassContext) -> Weights:
     get = lambda k, d: float(getattr(p, k, d))  # noqa: E731
     return Weights(kd=get("kd", 1.0) if cls else 0.0, embed_cos=0.0 if cls else get("embed_cos", 1.0),
                    embed_mse=0.0 if cls else get("embed_mse", 0.0), relation=get("relation", 1.0),
-                   anchor=get("anchor", 0.0),
                    hidden=get("hidden", 1.0), attention=get("attention", 0.0),
                    alpha=get("alpha", 0.5), temperature=get("temperature", 2.0))
 
