@@ -330,12 +330,13 @@ def test_prune_structured_variance_refit_beats_magnitude(bert):
 
 
 def test_recovery_takes_the_distillation_loss_options(bert):
-    """The shrinking passes' recovery fine-tune uses the loss weights and augmentation it is given."""
+    """The shrinking passes' recovery fine-tune uses the loss weights, augmentation, dropout and precision it is given."""
     handle, ctx = bert
     fixed = run_pass("prune-structured", handle, ctx, ratio=0.5, recover_steps=30, lr=1e-3, batch_size=16,
-                     embed_cos=10.0, hidden=5.0, augment=0.5)
+                     embed_cos=10.0, hidden=5.0, augment=0.5, dropout=0.1, precision="bf16")
     rec = fixed.history[-1]["recovery"]
     assert rec["weights"]["embed_cos"] == 10.0 and rec["weights"]["hidden"] == 5.0 and rec["augment"] == 0.5
+    assert rec["dropout"] == 0.1 and rec["precision"] == "bf16"
     assert rec["steps"] == 30 and rec["terms"] == ["hidden", "relation", "embed_cos"]
 
 

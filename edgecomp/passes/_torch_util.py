@@ -39,6 +39,7 @@ class Recovery:
     hidden: float = 1.0
     augment: float = 0.0  # share of token samples rewritten per batch for the teacher to label
     precision: str = "fp32"  # the fine-tune's forward: fp32 | bf16 | auto (bf16 where the CPU has it natively)
+    dropout: float = 0.0  # the model's dropout during the fine-tune (-1: its own)
 
 
 def torch_module(model: ModelHandle, pass_name: str) -> Any:

@@ -141,10 +141,9 @@ def recover(teacher: Any, student: Any, model: ModelHandle, ctx: PassContext, p:
                         precision=getattr(p, "precision", "fp32"))
     if scratch and q.checkpoint_dir:
         q.checkpoint_dir = str(Path(q.checkpoint_dir) / scratch)
-    augment = float(getattr(p, "augment", 0.0))
     return distill_student(teacher, student, model, ctx, weights=weights_for(p, ctx),
                            cfg=train_config(q, ctx, f"{label}/{scratch or 'recovery'}"), after_step=after_step, label=label,
-                           augment=augment)
+                           augment=float(getattr(p, "augment", 0.0)), dropout=float(getattr(p, "dropout", 0.0)))
 
 
 def distill_student(teacher: Any, student: Any, model: ModelHandle, ctx: PassContext, *, weights: Weights,
