@@ -31,12 +31,12 @@ from minilm_judge import evaluate, finish, parse, parser, run  # noqa: E402
 # embed_cos 1 -> 10 +0.011, hidden 5 -> 20 +0.003, teacher forcing none within noise, hidden 0 -0.015,
 # attention maps, lr 1e-3 and trained embeddings within noise. precision=auto: bf16 autocast where the CPU has it
 # (1000 steps, 45k corpus, EPYC: Spearman 0.9120 either way, 238 s vs 277 s). On the 45k corpus, EPYC, bf16:
-# 6000 steps 0.940 in 21.6 min (0.216 s/step); the student's dropout 0.1 at 5400 steps: 0.929 (it underfits more).
+# 5000 steps 0.939 in 17.4 min, 6000 steps 0.940 in 21.6 min; the student's dropout 0.1 at 5400 steps: 0.929.
 DEFAULT_OPTIONS = "num_layers=3,batch_size=32,lr=5e-4,augment=0.3,embed_cos=10,relation=20,hidden=20,precision=auto"
 
 
 def main() -> int:
-    ap = parser(__doc__, "distill-minilm", 5000, "optimizer steps (about 18 min of training on a 2-core EPYC with bf16, 23 min in fp32)",
+    ap = parser(__doc__, "distill-minilm", 5000, "optimizer steps (17.4 min of training on a 2-core EPYC with bf16, 23 min in fp32)",
                 DEFAULT_OPTIONS, "distill")
     ap.add_argument("--nproc", type=int, default=2, help="training processes (torchrun); 1: train inside the build")
     args, out = parse(ap)
