@@ -31,6 +31,7 @@ from typing import Any
 from edgecomp.errors import UsageError
 
 CHECKPOINT_SCHEMA = "edgecomp.train-checkpoint/1"
+PRECISIONS = ("fp32", "bf16", "auto")  # TrainConfig.precision
 
 
 @dataclass
@@ -86,7 +87,7 @@ def resolve_precision(precision: str) -> str:
     """fp32 or bf16 for a TrainConfig.precision; "auto" is bf16 only where oneDNN computes it natively."""
     import torch
 
-    if precision not in ("fp32", "bf16", "auto"):
+    if precision not in PRECISIONS:
         raise UsageError(f"precision must be fp32, bf16 or auto, not {precision!r}")
     if precision == "auto":
         native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -30,7 +30,7 @@ from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 from edgecomp.passes import choice
 from edgecomp.passes._torch_util import Clock, clone, downsample, find_transformer, plot_curve, record, stats, torch_module
-from edgecomp.passes._train import TrainConfig
+from edgecomp.passes._train import PRECISIONS, TrainConfig
 from edgecomp.passes._train_distill import Weights
 from edgecomp.passes.context import PassContext
 
@@ -86,7 +86,7 @@ class Params:
             raise ValueError("augment must be in [0, 1] and dropout in [0, 1) (or -1: the model's own)")
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
             raise ValueError("temperature must be > 0 and alpha in [0, 1]")
-        choice("precision", self.precision, ("fp32", "bf16", "auto"))
+        choice("precision", self.precision, PRECISIONS)
 
 
 def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
