@@ -22,8 +22,8 @@ from edgecomp.errors import EdgecompError, UsageError
 _DEBUG = False
 
 
-def _quiet_libraries() -> None:
-    """Runtimes print banners and advice on import; a compiler's output should be its own."""
+def quiet_libraries() -> None:
+    """Runtimes print banners and advice on import; a compiler's output should be its own (every entry point calls this)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("USE_TF", "0")  # transformers would otherwise import TensorFlow (seconds)
     os.environ.setdefault("USE_JAX", "0")
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         code = cli.main(args=argv, prog_name="edgecomp", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from edgecomp.data import SampleSet  # noqa: E402
+from edgecomp.errors import UsageError  # noqa: E402
 from edgecomp.model import ModelHandle, TensorSpec  # noqa: E402
 from edgecomp.passes import PASSES, make_params, pass_module  # noqa: E402
 from edgecomp.passes.context import PassContext  # noqa: E402
@@ -121,6 +122,14 @@ def test_registry_lists_every_compression_pass():
         make_params(name, {})  # defaults are valid
 
 
+@pytest.mark.parametrize("name", COMPRESS)
+@pytest.mark.parametrize("bad", [{"precision": "fp16"}, {"dropout": 1.0}, {"augment": 2.0}, {"batch_size": 0}])
+def test_training_options_are_checked_when_the_pass_is_parsed(name, bad):
+    """A bad fine-tune option is a usage error before any pass runs, not after the pruning it follows."""
+    with pytest.raises(UsageError, match=next(iter(bad))):
+        make_params(name, bad)
+
+
 def test_distill_drops_layers_and_learns(bert):
     handle, ctx = bert
     before = state(handle.torch_module)
@@ -172,7 +181,6 @@ def test_distill_teacher_cache_matches_the_teacher_on_mixed_batches():
 def test_distill_bf16_trains_the_student_against_fp32_targets(bert):
     """precision=bf16: the student's forward runs under bf16 autocast, but the teacher's targets and the
     loss stay fp32 (the same targets as outside autocast), and the student still learns."""
-    from edgecomp.errors import UsageError
     from edgecomp.passes._train import resolve_precision
     from edgecomp.passes._train_distill import Weights, make_distiller
 

@@ -28,9 +28,8 @@ from typing import Any
 
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
-from edgecomp.passes import choice
-from edgecomp.passes._torch_util import Clock, clone, downsample, find_transformer, plot_curve, record, stats, torch_module
-from edgecomp.passes._train import PRECISIONS, TrainConfig
+from edgecomp.passes._torch_util import Clock, check_training, clone, downsample, find_transformer, plot_curve, record, stats, torch_module
+from edgecomp.passes._train import TrainConfig
 from edgecomp.passes._train_distill import Weights
 from edgecomp.passes.context import PassContext
 
@@ -82,11 +81,9 @@ class Params:
             raise ValueError("keep_every must be >= 1 and num_layers >= 0")
         if self.epochs < 1 and self.steps < 1:
             raise ValueError("give epochs >= 1 or steps >= 1")
-        if not 0 <= self.augment <= 1 or not (self.dropout == -1 or 0 <= self.dropout < 1):
-            raise ValueError("augment must be in [0, 1] and dropout in [0, 1) (or -1: the model's own)")
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
             raise ValueError("temperature must be > 0 and alpha in [0, 1]")
-        choice("precision", self.precision, PRECISIONS)
+        check_training(self.batch_size, self.lr, self.augment, self.dropout, self.precision)
 
 
 def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
@@ -306,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
     import sys
 
-    import numpy as np
+    from edgecomp.cli import quiet_libraries
+
+    quiet_libraries()  # before transformers is imported: without USE_TF=0 it loads TensorFlow in every rank
     import torch
 
     from edgecomp.data import SampleSet

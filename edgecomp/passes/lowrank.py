@@ -33,6 +33,7 @@ class Params(Recovery):
     embeddings: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.ratio < 1 or not 0 <= self.energy < 1:
             raise ValueError("ratio must be in (0, 1) and energy in [0, 1)")
 

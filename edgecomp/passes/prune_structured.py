@@ -63,6 +63,7 @@ class Params(Recovery):
     resume: str = ""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choice("importance", self.importance, ("magnitude", "taylor", "variance"))
         choice("scope", self.scope, ("layer", "global"))
         for u in self.units:

@@ -37,6 +37,7 @@ class Params(Recovery):
     exclude: tuple[str, ...] = ()  # module-name substrings left dense (e.g. "classifier")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choice("scope", self.scope, ("layer", "global"))
         choice("schedule", self.schedule, ("oneshot", "iterative"))
         if not 0 <= self.sparsity < 1:

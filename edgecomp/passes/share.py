@@ -25,6 +25,7 @@ class Params(Recovery):
     init: str = "first"  # first | mean
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choice("init", self.init, ("first", "mean"))
         if self.group_size < 2:
             raise ValueError(f"group_size = {self.group_size}: at least 2 layers must share")
