@@ -219,12 +219,9 @@ def test_distill_narrower_student_uses_projections(bert, tmp_path: Path):
     assert np.mean(rec["training"]["loss_curve"][-4:]) < 0.8 * np.mean(rec["training"]["loss_curve"][:4])
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.8])
-def test_distill_resume_continues_from_the_saved_step(bert, tmp_path: Path, ema: float):
-    """Resuming from a mid-run checkpoint ends where the uninterrupted run ends (with ema, the checkpoint
-    carries the moving average too)."""
+def test_distill_resume_continues_from_the_saved_step(bert, tmp_path: Path):
     handle, ctx = bert
-    opts = dict(num_layers=2, epochs=2, batch_size=16, lr=1e-3, seed=3, ema=ema)
+    opts = dict(num_layers=2, epochs=2, batch_size=16, lr=1e-3, seed=3)
     full = run_pass("distill", handle, ctx, checkpoint_dir=str(tmp_path / "a"), keep_checkpoints=True, **opts)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["last.pt", "step-000004.pt", "step-000008.pt"]
     resumed = run_pass("distill", handle, ctx, checkpoint_dir=str(tmp_path / "b"),
@@ -234,43 +231,6 @@ def test_distill_resume_continues_from_the_saved_step(bert, tmp_path: Path, ema:
     np.testing.assert_allclose(a["loss_curve"], b["loss_curve"], rtol=1e-3)
     sa, sb = state(full.torch_module), state(resumed.torch_module)
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
-
-
-def test_train_ema_returns_the_moving_average_of_the_steps_weights():
-    """ema=d: the result is w_avg <- d_t * w_avg + (1 - d_t) * w after every step, d_t = min(d, (1+t)/(10+t)),
-    starting from the initial weights; not the last step's weights."""
-    from edgecomp.passes._train import TrainConfig, train
-
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(4, 1)
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = lin
-
-        def forward(self, batch):
-            loss = ((self.lin(batch["x"]).squeeze(1) - batch["y"]) ** 2).mean()
-            return loss, {"mse": loss.detach()}
-
-    x = torch.randn(64, 4)
-    data = {"x": x, "y": x @ torch.tensor([1.0, -2.0, 0.5, 3.0])}
-    avg = [p.detach().clone() for p in lin.parameters()]
-    seen = []
-
-    def after() -> None:  # also called once more after the average is swapped in (pruning masks hold for it)
-        if len(seen) == 30:
-            return
-        t = len(seen) + 1
-        d = min(0.9, (1 + t) / (10 + t))
-        for a, p in zip(avg, lin.parameters()):
-            a.mul_(d).add_(p.detach(), alpha=1 - d)
-        seen.append(lin.weight.detach().clone())
-
-    train(Net(), data, TrainConfig(steps=30, batch_size=8, lr=0.05, ema=0.9), after_step=after)
-    assert len(seen) == 30
-    torch.testing.assert_close(lin.weight.detach(), avg[0], atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(lin.weight.detach(), seen[-1], atol=1e-3)  # the average, not the last weights
 
 
 def test_distill_digits_with_labels_and_fewer_channels(digits):

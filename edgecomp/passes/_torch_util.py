@@ -42,25 +42,22 @@ class Recovery:
     augment: float = 0.0  # share of token samples rewritten per batch for the teacher to label
     precision: str = "fp32"  # the fine-tune's forward: fp32 | bf16 | auto (bf16 where the CPU has it natively)
     dropout: float = 0.0  # the model's dropout during the fine-tune (-1: its own)
-    ema: float = 0.0  # > 0: the fine-tune's result is a moving average of its weights with this decay
 
     def __post_init__(self) -> None:
         """The fine-tune's options are checked when the pass is parsed, not when training starts after the
         pass's own work (a typo must not cost the pruning or factorizing before it)."""
         if self.recover_epochs < 0 or self.recover_steps < 0:
             raise ValueError("recover_epochs and recover_steps must be >= 0")
-        check_training(self.batch_size, self.lr, self.augment, self.dropout, self.precision, self.ema)
+        check_training(self.batch_size, self.lr, self.augment, self.dropout, self.precision)
 
 
-def check_training(batch_size: int, lr: float, augment: float, dropout: float, precision: str, ema: float) -> None:
+def check_training(batch_size: int, lr: float, augment: float, dropout: float, precision: str) -> None:
     """The training options distill and every recovery fine-tune share, for their `__post_init__`."""
     if batch_size < 1 or lr <= 0:
         raise ValueError(f"batch_size must be >= 1 and lr > 0 (got batch_size = {batch_size}, lr = {lr})")
     if not 0 <= augment <= 1 or not (dropout == -1 or 0 <= dropout < 1):
         raise ValueError("augment must be in [0, 1] and dropout in [0, 1) (or -1: the model's own)")
     choice("precision", precision, PRECISIONS)
-    if not 0 <= ema < 1:
-        raise ValueError(f"ema = {ema}: the decay must be in [0, 1) (0: off)")
 
 
 def torch_module(model: ModelHandle, pass_name: str) -> Any:

@@ -48,7 +48,6 @@ class TrainConfig:
     resume: Path | None = None
     keep_checkpoints: bool = False  # True: also keep step-N.pt beside last.pt (rewritten every epoch)
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the CPU computes it natively)
-    ema: float = 0.0  # > 0: the result is an exponential moving average of the weights with this decay
 
 
 @dataclass
@@ -142,9 +141,8 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
                          precision=resolve_precision(cfg.precision))
     bf16 = result.precision == "bf16"
     step = 0
-    ema = _Ema(params, cfg.ema)
     if cfg.resume is not None:
-        step = _load_checkpoint(Path(cfg.resume), model, opt, sched, result, label, ema)
+        step = _load_checkpoint(Path(cfg.resume), model, opt, sched, result, label)
         result.start_step = step
         if step > total:
             raise UsageError(f"{label}: checkpoint {cfg.resume} is at step {step}, the run has only {total} steps")
@@ -181,7 +179,6 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
                 if after_step is not None:
                     after_step()
                 step += 1
-                ema.update(step)
                 value = loss.detach().clone()
                 if size > 1:
                     dist.all_reduce(value)
@@ -192,16 +189,12 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
                 parts_n += 1
                 bar.update(step, epoch, float(value))
             if step == total or step % per_epoch == 0:
-                result.checkpoints += _save_checkpoint(cfg, model, opt, sched, step, epoch, result, rank, label, t0, c0, ema)
+                result.checkpoints += _save_checkpoint(cfg, model, opt, sched, step, epoch, result, rank, label, t0, c0)
             if step >= total:
                 break
     finally:
         bar.close()
         model.eval()
-    if ema.decay > 0:
-        ema.copy_to(params)
-        if after_step is not None:
-            after_step()  # pruning masks hold for the averaged weights too
     if size > 1:
         dist.barrier()
     result.steps = step
@@ -229,7 +222,7 @@ def _batches(order: list[int], lengths: Any, batch: int, seed: int) -> list[list
 
 
 def _save_checkpoint(cfg: TrainConfig, model: Any, opt: Any, sched: Any, step: int, epoch: int,
-                     result: TrainResult, rank: int, label: str, t0: float, c0: float, ema: _Ema) -> list[str]:
+                     result: TrainResult, rank: int, label: str, t0: float, c0: float) -> list[str]:
     import time
 
     import torch
@@ -243,8 +236,6 @@ def _save_checkpoint(cfg: TrainConfig, model: Any, opt: Any, sched: Any, step: i
              "rng": torch.get_rng_state(), "losses": list(result.losses),
              "world_size": result.world_size, "seconds": result.seconds + time.perf_counter() - t0, "cpu_seconds": result.cpu_seconds + time.process_time() - c0,
              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
-    if ema.decay > 0:
-        state["ema"] = ema.shadow
     tmp = folder / f".tmp-{os.getpid()}.pt"
     torch.save(state, tmp)
     written = []
@@ -257,7 +248,7 @@ def _save_checkpoint(cfg: TrainConfig, model: Any, opt: Any, sched: Any, step: i
     return written + [str(folder / "last.pt")]
 
 
-def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any, result: TrainResult, label: str, ema: _Ema) -> int:
+def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any, result: TrainResult, label: str) -> int:
     import torch
 
     if not path.is_file():
@@ -274,45 +265,11 @@ def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any, result: Train
         raise UsageError(f"{label}: {path} was saved for a different student ({str(e).splitlines()[0][:160]})") from None
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    ema.load(state.get("ema"))
     torch.set_rng_state(state["rng"])
     result.losses = list(state["losses"])
     result.seconds, result.cpu_seconds = float(state.get("seconds", 0.0)), float(state.get("cpu_seconds", 0.0))
     result.resumed_world_size = int(state.get("world_size", 1))
     return int(state["step"])
-
-
-class _Ema:
-    """An exponential moving average of the trainable weights (Polyak averaging): the average of the last
-    ~1/(1-decay) steps' weights generalizes better than the last step's. The decay ramps up as
-    (1+t)/(10+t) so the random start is forgotten fast. DDP keeps every rank's weights, and so the averages,
-    identical."""
-
-    def __init__(self, params: list[Any], decay: float) -> None:
-        if not 0 <= decay < 1:
-            raise UsageError(f"ema = {decay}: the decay must be in [0, 1) (0: off)")
-        self.decay, self.params = decay, params
-        self.shadow = [p.detach().clone() for p in params] if decay > 0 else []
-
-    def update(self, step: int) -> None:
-        if self.decay > 0:
-            import torch
-
-            d = min(self.decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
-
-    def load(self, shadow: list[Any] | None) -> None:
-        """The average from a checkpoint; one saved without (ema was off) starts from the loaded weights."""
-        if self.decay > 0:
-            src = shadow if shadow is not None and len(shadow) == len(self.params) else self.params
-            self.shadow = [s.detach().clone() for s in src]
-
-    def copy_to(self, params: list[Any]) -> None:
-        import torch
-
-        with torch.no_grad():
-            for p, s in zip(params, self.shadow):
-                p.copy_(s)
 
 
 class _Progress:

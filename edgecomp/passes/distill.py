@@ -69,7 +69,6 @@ class Params:
     augment: float = 0.0  # share of token samples rewritten per batch (replace / delete / splice) for the teacher to label
     train_embeddings: bool = False
     precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast (fp32 weights, loss and teacher) where the CPU has it natively
-    ema: float = 0.0  # > 0: the student is the moving average of its weights over training (decay, e.g. 0.999)
     checkpoint_dir: str = ""  # "": the build's scratch folder (deleted with it); a path keeps them
     keep_checkpoints: bool = False
     resume: str = ""
@@ -84,7 +83,7 @@ class Params:
             raise ValueError("give epochs >= 1 or steps >= 1")
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
             raise ValueError("temperature must be > 0 and alpha in [0, 1]")
-        check_training(self.batch_size, self.lr, self.augment, self.dropout, self.precision, self.ema)
+        check_training(self.batch_size, self.lr, self.augment, self.dropout, self.precision)
 
 
 def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
@@ -111,7 +110,7 @@ def train_config(p: Any, ctx: PassContext, scratch: str) -> TrainConfig:
                        seed=seed if seed >= 0 else ctx.seed, checkpoint_dir=folder,
                        resume=Path(p.resume) if getattr(p, "resume", "") else None,
                        keep_checkpoints=getattr(p, "keep_checkpoints", False),
-                       precision=getattr(p, "precision", "fp32"), ema=float(getattr(p, "ema", 0.0)))
+                       precision=getattr(p, "precision", "fp32"))
 
 
 def weights_for(p: Any, ctx: PassContext) -> Weights:
@@ -136,7 +135,7 @@ def recover(teacher: Any, student: Any, model: ModelHandle, ctx: PassContext, p:
     q = SimpleNamespace(epochs=max(1, p.recover_epochs if epochs is None else epochs),
                         steps=p.recover_steps if steps is None else steps, batch_size=p.batch_size, lr=p.lr,
                         seed=p.seed, checkpoint_dir=getattr(p, "checkpoint_dir", ""), resume=getattr(p, "resume", ""),
-                        precision=getattr(p, "precision", "fp32"), ema=getattr(p, "ema", 0.0))
+                        precision=getattr(p, "precision", "fp32"))
     if scratch and q.checkpoint_dir:
         q.checkpoint_dir = str(Path(q.checkpoint_dir) / scratch)
     return distill_student(teacher, student, model, ctx, weights=weights_for(p, ctx),
@@ -193,7 +192,7 @@ def distill_student(teacher: Any, student: Any, model: ModelHandle, ctx: PassCon
             "weights": {k: v for k, v in dataclasses.asdict(weights).items() if v},
             "layer_map": distiller.layer_map, "projections": len(distiller.proj),
             "steps": res.steps, "start_step": res.start_step, "epochs": res.epochs_done, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "seed": cfg.seed, "world_size": res.world_size, "precision": res.precision, "ema": cfg.ema,
+            "lr": cfg.lr, "seed": cfg.seed, "world_size": res.world_size, "precision": res.precision,
             "threads": torch.get_num_threads() if threads <= 0 else threads,
             "dropout": dropout if dropout >= 0 else "model", "augment": augment,
             "teacher_forcing": list(forcing) if forcing[0] > 0 else None,
