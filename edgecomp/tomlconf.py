@@ -2,6 +2,7 @@
 
 import dataclasses
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +42,9 @@ def typed(cls: type[T], table: dict[str, Any], where: str) -> T:
         if key not in fields:
             raise UsageError(f"{where}: unknown option {key!r} (allowed: {', '.join(sorted(fields))})")
         want = typing.get_origin(hints[key]) or hints[key]
-        if want in (tuple, list):
+        if want in (types.UnionType, typing.Union):  # e.g. `bool | str`: any member type; __post_init__ checks values
+            ok, name = isinstance(value, typing.get_args(hints[key])), " or ".join(a.__name__ for a in typing.get_args(hints[key]))
+        elif want in (tuple, list):
             ok, name = isinstance(value, (list, tuple)), "a list"
         elif want is float:
             ok, name = isinstance(value, (int, float)) and not isinstance(value, bool), "float"

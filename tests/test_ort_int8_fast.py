@@ -18,6 +18,7 @@ from conftest import make_tiny_onnx
 from edgecomp.data import SampleSet
 from edgecomp.load.onnx import load_onnx
 from edgecomp.passes import make_params, pass_module
+from edgecomp.passes._int8 import saturating_cpu
 from edgecomp.passes.context import PassContext
 
 SEQ, VOCAB = 16, 100
@@ -188,9 +189,44 @@ def test_symmetric_weights_lose_their_zero_points_and_nothing_else(bert: Path, t
     assert all(len(n.input) == 3 for n in graph.node if n.op_type == "MatMulInteger")
     assert all(n.input[7] == "" for n in graph.node if n.op_type == "QAttention")
     ref = tmp_path / "with-zero-points.onnx"  # the same quantizer, zero points kept
-    quantize_dynamic(str(fused), str(ref), weight_type=QuantType.QInt8, per_channel=True,
+    quantize_dynamic(str(fused), str(ref), weight_type=QuantType.QInt8, per_channel=True, reduce_range=saturating_cpu(),
                      op_types_to_quantize=["MatMul", "Gemm", "Attention", "LSTM"], extra_options={"DefaultTensorType": 1})
     assert len(onnx.load(str(ref)).graph.initializer) == len(graph.initializer) + 2 * 3 + 2
     assert _max_diff(ref, ours, _feeds(8)) == 0.0  # bit-identical
     _, (asym,) = _chain(fused, tmp_path / "u8", ("quantize-dynamic", {"weight_type": "quint8"}))
     assert asym["zero_points_dropped"] == 0  # unsigned weights have real zero points
+
+
+def _int8_peak(path: Path) -> int:
+    return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
+               for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8)
+
+
+@pytest.mark.parametrize("name", ["quantize-dynamic", "quantize-static"])
+def test_int8_weights_are_7_bit_where_int8_saturates(bert: Path, tmp_path: Path, name: str) -> None:
+    """x86 CPUs without VNNI add uint8 x int8 products in pairs into a saturating int16: exact only for
+    |w| <= 64 (2 x 255 x 64 = 32640). `auto` takes 7 bits there, 8 elsewhere; either can be forced."""
+    fused, _ = _chain(bert, tmp_path / "f", ("fuse-transformer", {}))
+    peaks, records = {}, {}
+    for rr in ("auto", True, False):
+        q, (records[rr],) = _chain(fused, tmp_path / str(rr), (name, {"reduce_range": rr}))
+        peaks[rr] = _int8_peak(q)
+        if records[rr]["weight_bits"] == 7:
+            seven = q
+    assert peaks[True] == 64 and peaks[False] == 127 and peaks["auto"] == (64 if saturating_cpu() else 127)
+    assert [records[rr]["weight_bits"] for rr in ("auto", True, False)] == [7 if saturating_cpu() else 8, 7, 8]
+    assert records["auto"]["weight_bits_why"].startswith("auto: this")
+    feeds = _feeds(8)  # (an 8-bit graph is only exact on this machine if it has VNNI)
+    cos = [float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(_outputs(bert, feeds), _outputs(seven, feeds))]
+    assert min(cos) >= 0.98
+    with pytest.raises(Exception, match="reduce_range"):
+        make_params(name, {"reduce_range": "sometimes"})
+
+
+def test_which_cpus_saturate() -> None:
+    flags = "processor\t: 0\nflags\t\t: fpu sse2 avx2 {}\n"
+    assert saturating_cpu("x86_64", flags.format("avx512f avx512bw"))  # Skylake-SP, Zen 2/3
+    assert not saturating_cpu("x86_64", flags.format("avx512f avx512_vnni"))  # Cascade Lake on, Zen 4
+    assert not saturating_cpu("x86_64", flags.format("avx_vnni"))  # Alder Lake
+    assert saturating_cpu("AMD64", "")  # flags unreadable: the safe side
+    assert not saturating_cpu("aarch64", "")

@@ -21,6 +21,7 @@ from test_passes_compress import bert, digits, digits_recipe, one_thread, run_pa
 from edgecomp.errors import UsageError  # noqa: E402
 from edgecomp.export import export_onnx  # noqa: E402
 from edgecomp.passes import make_params  # noqa: E402
+from edgecomp.passes._int8 import saturating_cpu  # noqa: E402
 
 COMPUTE = ("MatMul", "Gemm", "Conv")
 
@@ -103,6 +104,11 @@ def test_qat_bert_exports_qdq_that_onnxruntime_matches(bert, tmp_path: Path):
     assert cosine(ref, torch_out(handle.torch_module, arrays)).mean() > 0.99  # still close to the fp32 model
 
 
+def int8_peak(graph) -> int:
+    return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
+               for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
+
+
 def test_qat_digits_folds_batchnorm_and_keeps_accuracy(digits, tmp_path: Path):
     handle, ctx = digits
     out = run_pass("qat", handle, ctx, steps=10, batch_size=64, lr=1e-4)
@@ -112,6 +118,8 @@ def test_qat_digits_folds_batchnorm_and_keeps_accuracy(digits, tmp_path: Path):
     exported = export_onnx(out, ctx.samples.validation[0], tmp_path / "m.onnx")
     weighted, around, scales = qdq_layers(exported.onnx_path)
     assert weighted == around == 4  # 3 Conv + the classifier MatMul
+    bits = 7 if saturating_cpu() else 8
+    assert rec["weight_bits"] == bits and int8_peak(onnx.load(str(exported.onnx_path)).graph) == {7: 63, 8: 127}[bits]
     np.testing.assert_allclose(sorted(scales), sorted(r["act_scale"] for r in rec["layers"]), rtol=1e-5)
     arrays = stacked(ctx.samples.validation)
     ref = torch_out(out.torch_module, arrays)
@@ -128,7 +136,7 @@ def test_qat_digits_folds_batchnorm_and_keeps_accuracy(digits, tmp_path: Path):
 def test_qat_options_select_layers_and_schemes(digits, tmp_path: Path):
     handle, ctx = digits
     out = run_pass("qat", handle, ctx, ops=["Conv2d"], exclude=["0"], activations="int8", act_range="learned",
-                   fold_bn=False, steps=3, batch_size=32, lr=1e-2)
+                   fold_bn=False, steps=3, batch_size=32, lr=1e-2, reduce_range=True)
     rec = out.history[-1]
     assert [r["layer"] for r in rec["layers"]] == ["3", "7"] and rec["skipped"] == [{"layer": "0", "reason": "excluded"}]
     assert rec["bn_folded"] == [] and all(r["act_zero_point"] == 0 for r in rec["layers"])
@@ -141,6 +149,7 @@ def test_qat_options_select_layers_and_schemes(digits, tmp_path: Path):
     dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
     assert len(q) == 2 and len(dq) == 4  # input and weight of two convs; weights are stored as int8, not re-quantized
     assert exported.history[-1]["weights_stored_int8"] == 2
+    assert rec["weight_bits"] == 7 and int8_peak(graph) == 63  # x86 without VNNI sums int8 pairs in int16
     for bad in ({"activations": "int4"}, {"ops": ["LSTM"]}, {"act_range": "minmax"}, {"momentum": 1.5}):
         with pytest.raises(UsageError, match="pass qat"):
             make_params("qat", bad)

@@ -41,7 +41,9 @@ from edgecomp.model import ModelHandle
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE = "model.engine"
 # how the profile's int8 is quantized when the graph arrives without QDQ (TensorRT's requirements)
-QDQ_PARAMS = {"per_channel": True, "activation_type": "qint8", "weight_type": "qint8", "symmetric_activations": True}
+# (full-range weights: TensorRT's int8 kernels accumulate in int32, they do not saturate like x86 VPMADDUBSW)
+QDQ_PARAMS = {"per_channel": True, "activation_type": "qint8", "weight_type": "qint8", "reduce_range": False,
+              "symmetric_activations": True}
 _ORDER = ("int8", "fp8", "int4", "fp16", "bf16", "fp32")
 _MOVES_DATA = {"Reformat", "NoOp", "Constant", "Shuffle"}  # engine layers that copy, not compute
 

@@ -1,7 +1,10 @@
 """Fake-quantized Linear / Conv2d for quantization-aware training, written so that they export as QDQ.
 
-Weights: symmetric int8 per output channel, s_c = max|w_c| / 127, z = 0, recomputed from the current
-weights at every training step (held in a buffer, so the exported graph reads a constant).
+Weights: symmetric int8 per output channel, s_c = max|w_c| / q, z = 0, recomputed from the current
+weights at every training step (held in a buffer, so the exported graph reads a constant). q = 127,
+or 63 with `reduce_range` (7-bit weights that x86 CPUs without VNNI multiply without saturating; see
+`quantize_dynamic`). The fake-quant op keeps the range [-128, 127], the one ONNX's QuantizeLinear
+export accepts: with s_c = max|w_c| / 63 no weight rounds outside [-63, 63] anyway.
 Activations (the layer's input): per tensor, from a range [lo, hi] (widened to include 0) that an
 observer takes as an exponential moving average of each batch's min / max:
   uint8 asymmetric  s = (hi - lo) / 255, z = clamp(round(-lo / s), 0, 255)
@@ -100,9 +103,10 @@ class _QuantLayer(torch.nn.Module):
 
     axis = 0
 
-    def __init__(self, layer: Any, act: ActQuant) -> None:
+    def __init__(self, layer: Any, act: ActQuant, w_qmax: int = 127) -> None:
         super().__init__()
         self.weight, self.bias = layer.weight, layer.bias
+        self.w_qmax = w_qmax
         self.act = act
         object.__setattr__(self, "original", layer)  # not a child: for `unwrap`, never saved twice
         channels = layer.weight.shape[0]
@@ -112,9 +116,9 @@ class _QuantLayer(torch.nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """s_c = max|w_c| / 127 from the current weights."""
+        """s_c = max|w_c| / w_qmax from the current weights."""
         w = self.weight.detach()
-        self.w_scale.copy_((w.abs().flatten(1).amax(1) / 127).clamp_min(EPS))
+        self.w_scale.copy_((w.abs().flatten(1).amax(1) / self.w_qmax).clamp_min(EPS))
 
     def quant_weight(self, w: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -125,8 +129,8 @@ class _QuantLayer(torch.nn.Module):
 class QuantLinear(_QuantLayer):
     axis = 1  # of W^T: one scale per output feature
 
-    def __init__(self, layer: torch.nn.Linear, act: ActQuant) -> None:
-        super().__init__(layer, act)
+    def __init__(self, layer: torch.nn.Linear, act: ActQuant, w_qmax: int = 127) -> None:
+        super().__init__(layer, act, w_qmax)
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +139,8 @@ class QuantLinear(_QuantLayer):
 
 
 class QuantConv2d(_QuantLayer):
-    def __init__(self, layer: torch.nn.Conv2d, act: ActQuant) -> None:
-        super().__init__(layer, act)
+    def __init__(self, layer: torch.nn.Conv2d, act: ActQuant, w_qmax: int = 127) -> None:
+        super().__init__(layer, act, w_qmax)
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
@@ -179,7 +183,7 @@ def fold_batchnorm(module: torch.nn.Module) -> list[str]:
 
 
 def wrap(module: torch.nn.Module, ops: tuple[str, ...], exclude: tuple[str, ...], scheme: str, mode: str,
-         momentum: float) -> tuple[dict[str, _QuantLayer], list[dict[str, str]]]:
+         momentum: float, w_qmax: int = 127) -> tuple[dict[str, _QuantLayer], list[dict[str, str]]]:
     """Replace (in place) every Linear / Conv2d of the chosen kinds whose name matches no `exclude` glob;
     a layer reused in several places gets one wrapper. (wrappers by name, skipped layers with why)."""
     kinds = tuple(KINDS[o][0] for o in ops)
@@ -196,7 +200,7 @@ def wrap(module: torch.nn.Module, ops: tuple[str, ...], exclude: tuple[str, ...]
             skipped.append({"layer": name, "reason": f"padding_mode {m.padding_mode!r}"})
             continue
         cls = dict(KINDS.values())[type(m)]
-        wrappers[id(m)] = names[name] = cls(m, ActQuant(scheme, mode, momentum))
+        wrappers[id(m)] = names[name] = cls(m, ActQuant(scheme, mode, momentum), w_qmax)
     for parent in list(module.modules()):
         if isinstance(parent, torch.nn.MultiheadAttention):
             continue  # it reads out_proj.weight directly: the wrapper would never run

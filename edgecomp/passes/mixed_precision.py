@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgecomp.model import ModelHandle
-from edgecomp.passes import choice
+from edgecomp.passes import _int8, choice
 from edgecomp.passes.context import PassContext
 
 
@@ -30,6 +30,7 @@ from edgecomp.passes.context import PassContext
 class Params:
     base: str = "quantize-dynamic"  # quantize-dynamic | quantize-static
     per_channel: bool = True
+    reduce_range: bool | str = "auto"  # the base pass's: 7-bit weights where int8 saturates
     target_cosine: float = 0.995  # mean output cosine vs fp32 on the calibration split
     max_float_layers: int = 8
     attribution_samples: int = 4
@@ -38,6 +39,7 @@ class Params:
 
     def __post_init__(self) -> None:
         choice("base", self.base, ("quantize-dynamic", "quantize-static"))
+        choice("reduce_range", self.reduce_range, _int8.CHOICES)
         if not 0 < self.target_cosine <= 1:
             raise ValueError(f"target_cosine = {self.target_cosine} must be in (0, 1]")
 
@@ -46,7 +48,8 @@ def _quantize(model: ModelHandle, params: Params, exclude: list[str], ctx: PassC
     from edgecomp.passes import make_params, pass_module
 
     sub = PassContext(ctx.workdir / "mixed" / tag, ctx.samples, ctx.seed, ctx.recipe)
-    opts: dict[str, Any] = {"per_channel": params.per_channel, "exclude_nodes": list(exclude)}
+    opts: dict[str, Any] = {"per_channel": params.per_channel, "reduce_range": params.reduce_range,
+                            "exclude_nodes": list(exclude)}
     return pass_module(params.base).run(model, make_params(params.base, opts), sub)
 
 

@@ -2,7 +2,8 @@
 
 Post-training INT8 fixes the rounding error after the fact; QAT lets the weights adapt to it. Each
 Linear / Conv2d (chosen by `ops`, minus `exclude` globs on module names) computes with
-  W' = fq(W; s_c = max|w_c| / 127, per output channel, symmetric int8), recomputed every step
+  W' = fq(W; s_c = max|w_c| / 127, per output channel, symmetric int8; / 63 with `reduce_range`,
+       where this CPU's int8 kernels would saturate full-range weights, see `_int8`), recomputed every step
   x' = fq(x; per-tensor uint8 asymmetric or int8 symmetric, range from an EMA of batch min / max)
 where fq(v; s, z) = (clamp(round(v / s) + z, qmin, qmax) - z) * s and the backward pass is the
 straight-through estimator (see `_fakequant`). Steps:
@@ -26,7 +27,7 @@ from typing import Any
 
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
-from edgecomp.passes import choice
+from edgecomp.passes import _int8, choice
 from edgecomp.passes._torch_util import Clock, clone, record, stats, torch_module
 from edgecomp.passes.context import PassContext
 
@@ -40,6 +41,7 @@ class Params:
     ops: tuple[str, ...] = OPS
     exclude: tuple[str, ...] = ()  # fnmatch globs on module names left float, e.g. "*.classifier"
     activations: str = "uint8"  # uint8 (asymmetric) | int8 (symmetric)
+    reduce_range: bool | str = "auto"  # 7-bit weights; auto: where int8 saturates (x86 without VNNI)
     act_range: str = "frozen"  # frozen: calibrated once | ema: keeps observing while training | learned: LSQ scale
     momentum: float = 0.9  # EMA weight of the old range per observed batch
     calibration_samples: int = 0  # 0: the whole calibration split
@@ -69,6 +71,7 @@ class Params:
     def __post_init__(self) -> None:
         choice("activations", self.activations, ("uint8", "int8"))
         choice("act_range", self.act_range, ("frozen", "ema", "learned"))
+        choice("reduce_range", self.reduce_range, _int8.CHOICES)
         if not self.ops:
             raise ValueError(f"ops is empty: give some of {', '.join(OPS)}")
         for op in self.ops:
@@ -92,8 +95,10 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     before = stats(teacher)
     student = clone(teacher).eval()
     folded = fq.fold_batchnorm(student) if params.fold_bn else []
+    reduce_range, why = _int8.resolve(params.reduce_range)
+    w_qmax = 63 if reduce_range else 127
     layers, skipped = fq.wrap(student, params.ops, params.exclude, params.activations, params.act_range,
-                              params.momentum)
+                              params.momentum, w_qmax)
     if not layers:
         raise UsageError(f"qat: no {' / '.join(params.ops)} layer left to quantize (exclude={list(params.exclude)})")
     n_cal = calibrate(student, layers, model, ctx, params)
@@ -116,7 +121,8 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     rec = record("qat", params, before, stats(student), clock,
                  layers_quantized=len(layers), layers=scales, skipped=skipped, unused_left_float=unused,
                  bn_folded=folded,
-                 weight_scheme="int8 symmetric per output channel, scale = max|w|/127 recomputed every step",
+                 weight_scheme=f"int8 symmetric per output channel, scale = max|w|/{w_qmax} recomputed every step",
+                 **_int8.record(reduce_range, why),
                  activation_scheme=(f"{params.activations} {'symmetric' if symmetric else 'asymmetric'} per tensor, "
                                     f"EMA(momentum {params.momentum}) of batch min/max on the calibration split, "
                                     f"then {params.act_range}"),

@@ -10,6 +10,9 @@ per-channel zero-point vector down MLAS's per-column zero-point path, 10-15 % sl
 per-tensor on a [128, 384] x [384, 1536] int8 GEMM (2 threads, AVX-512 VNNI). The all-zero
 weight zero points are dropped from the graph (the input is optional and defaults to 0), which
 gives per-channel accuracy at per-tensor speed; results are bit-identical.
+
+Weights are 7-bit ([-64, 64], `reduce_range`) where this CPU's int8 kernels would saturate
+full-range ones (x86 without VNNI; see `_int8`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecomp.model import ModelHandle
-from edgecomp.passes import choice
+from edgecomp.passes import _int8, choice
 from edgecomp.passes.context import PassContext
 
 
@@ -28,12 +31,13 @@ from edgecomp.passes.context import PassContext
 class Params:
     per_channel: bool = True
     weight_type: str = "qint8"  # qint8 | quint8
-    reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI where int8 saturates
+    reduce_range: bool | str = "auto"  # 7-bit weights; auto: where int8 saturates (x86 without VNNI)
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Attention", "LSTM")
     exclude_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         choice("weight_type", self.weight_type, ("qint8", "quint8"))
+        choice("reduce_range", self.reduce_range, _int8.CHOICES)
 
 
 def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
@@ -41,16 +45,17 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = ctx.scratch("quantize-dynamic") / "model.onnx"
+    reduce_range, why = _int8.resolve(params.reduce_range)
     quantize_dynamic(
         str(model.onnx_path), str(out),
         weight_type=QuantType.QInt8 if params.weight_type == "qint8" else QuantType.QUInt8,
-        per_channel=params.per_channel, reduce_range=params.reduce_range,
+        per_channel=params.per_channel, reduce_range=reduce_range,
         op_types_to_quantize=list(params.op_types), nodes_to_exclude=_exclusions(params.exclude_nodes),
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     dropped = drop_zero_weight_zero_points(out)
-    return model.with_pass({"pass": "quantize-dynamic", **dataclasses.asdict(params), "zero_points_dropped": dropped},
-                           onnx_path=out)
+    return model.with_pass({"pass": "quantize-dynamic", **dataclasses.asdict(params), **_int8.record(reduce_range, why),
+                            "zero_points_dropped": dropped}, onnx_path=out)
 
 
 # (op, index of the weight zero point among its inputs)

@@ -8,6 +8,9 @@ activations plus the statistics (recorded in the pass record as `calibration_sta
 ONNX Runtime's QDQ quantizer then places the Q/DQ pairs from those ranges, exactly as its
 `quantize_static` would (same pre-processing, opset update, op-type and node selection).
 
+Weights are 7-bit (`reduce_range`) where this CPU's int8 kernels would saturate full-range ones
+(x86 without VNNI; see `_int8`).
+
 Percentile, entropy and mse clip outliers that minmax would let stretch the scale; see
 `calibrate.py` for the math of each.
 """
@@ -23,7 +26,7 @@ import numpy as np
 
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
-from edgecomp.passes import choice
+from edgecomp.passes import _int8, choice
 from edgecomp.passes.calibrate import METHODS
 from edgecomp.passes.context import PassContext
 
@@ -35,6 +38,7 @@ class Params:
     per_channel: bool = True
     activation_type: str = "quint8"  # quint8 | qint8
     weight_type: str = "qint8"
+    reduce_range: bool | str = "auto"  # 7-bit weights; auto: where int8 saturates (x86 without VNNI)
     symmetric_activations: bool = False
     op_types: tuple[str, ...] = ()  # empty: every op ONNX Runtime can quantize
     exclude_nodes: tuple[str, ...] = ()
@@ -44,6 +48,7 @@ class Params:
         choice("method", self.method, METHODS)
         choice("activation_type", self.activation_type, ("quint8", "qint8"))
         choice("weight_type", self.weight_type, ("qint8", "quint8"))
+        choice("reduce_range", self.reduce_range, _int8.CHOICES)
         if self.samples < 0:
             raise ValueError(f"samples = {self.samples} must be >= 0")
         if not 50 < self.percentile <= 100:
@@ -73,14 +78,15 @@ def quantize(src: Path, out: Path, feeds: Any, params: Params, scratch: Path) ->
     cal = calibrate(model, feeds, op_types, params.method, params.percentile, params.symmetric_activations)
     ranges = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in cal.ranges.items()})
+    reduce_range, why = _int8.resolve(params.reduce_range)
     quantizer = QDQQuantizer(
-        model, params.per_channel, False, qt[params.weight_type], qt[params.activation_type], ranges,
+        model, params.per_channel, reduce_range, qt[params.weight_type], qt[params.activation_type], ranges,
         [], list(params.exclude_nodes), op_types, {"ActivationSymmetric": params.symmetric_activations},
     )
     quantizer.quantize_model()
     quantizer.model.save_model_to_file(str(out), False)
     return {"calibration_samples": cal.samples, "calibrated_tensors": len(cal.ranges),
-            "calibration_stats_bytes": cal.stats_bytes}
+            "calibration_stats_bytes": cal.stats_bytes, **_int8.record(reduce_range, why)}
 
 
 def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
