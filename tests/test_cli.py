@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from edgecomp.model import sha256_file
+from edgecomp.passes._int8 import saturating_cpu
 from edgecomp.profile import load_profile
 
 HEAVY = ("torch", "onnxruntime", "tensorflow", "openvino", "numpy")
@@ -153,6 +154,7 @@ def test_build_report_schema(built: tuple[Path, subprocess.CompletedProcess], ti
     assert [p["pass"] for p in targets["ort-int8"]["passes"]] == [p["name"] for p in load_profile("ort-int8").passes]
     last = [p for p in targets["ort-int8"]["passes"] if p["pass"] != "trim-padding"][-1]
     assert last["pass"] == "quantize-dynamic" and last["per_channel"] is True
+    assert last["reduce_range"] == "auto" and last["weight_bits"] == (7 if saturating_cpu() else 8)
     for name, t in targets.items():
         folder = out / name
         assert t["artifact"]["folder"] == str(out / name)  # where it is, not the staging folder it was built in
@@ -176,6 +178,7 @@ def test_build_report_schema(built: tuple[Path, subprocess.CompletedProcess], ti
     assert targets["ort-fp32"]["parity"]["outputs"]["y"]["max_abs"] <= 1e-5
     md = (out / "report.md").read_text()
     assert "## ort-fp32" in md and "## ort-int8" in md and "int8-dynamic" in md
+    assert f"quantize-dynamic: weight_bits {last['weight_bits']}" in md
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".tiny-build.")]  # no staging leftovers
 
 
