@@ -35,7 +35,9 @@ from minilm_judge import evaluate, finish, parse, parser, run  # noqa: E402
 # 1000 steps, fp32, 45k corpus: 0.9120; kept teacher layers [1,3,5] 0.906, [0,2,4] 0.865 (the default [0,2,5] keeps the
 # last); a moving average of the weights (decay 0.99 / 0.995) 0.9122 / 0.9121: noise, the LR already decays to 0.
 # 1000 steps, bf16, Zen 4: the default 0.9119; 4 layers [0,2,3,5] with half of each FFN removed (fewer MACs than three
-# whole layers) 0.9049: depth does not buy back the narrower FFN.
+# whole layers) 0.9049: depth does not buy back the narrower FFN. MixKD-style mixup of word embeddings (a share of rows
+# become lam * row + (1 - lam) * another row, lam ~ Beta(0.4, 0.4), labelled by the teacher): 0.3 of rows 0.9070,
+# 0.6 0.9031, so it was not kept.
 DEFAULT_OPTIONS = "num_layers=3,batch_size=32,lr=5e-4,augment=0.3,embed_cos=10,relation=20,hidden=20,precision=auto"
 
 
