@@ -53,6 +53,17 @@ def toolchain() -> dict[str, str]:
     return {"edgecomp_code": _code_hash(Path(edgecomp.__file__).parent), **dict(sorted(versions.items()))}
 
 
+def host() -> dict[str, Any]:
+    """What a target stage also depends on beyond the toolchain: the CPU family, and whether its int8
+    kernels saturate full-range weights (that decides `reduce_range = "auto"`, and what int8 parity
+    measures here), so a cache shared by unlike machines keeps their target stages apart."""
+    import platform
+
+    from edgecomp.passes._int8 import saturating_cpu
+
+    return {"machine": platform.machine(), "int8_saturates": saturating_cpu()}
+
+
 def _code_hash(package: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(package.rglob("*.py")):

@@ -341,12 +341,12 @@ def _target(src: Source, profile: Profile, backend: Any, stage: Path, work: Path
             cache: Any) -> tuple[dict[str, Any], Callable[[], Any]]:
     """One target's artifact and parity: the `target` stage, keyed by the source and everything in the
     profile that shapes the artifact or its manifest. Returns its report entry and a runner maker."""
-    from edgecomp.cache import key, toolchain
+    from edgecomp.cache import host, key, toolchain
     from edgecomp.validate import verdict
 
     threads = req.threads or profile.threads
     k = key("target", src.key, profile.name, profile.backend, profile.precision, profile.passes, profile.options,
-            profile.budget, profile.diff, threads, toolchain())
+            profile.budget, profile.diff, threads, toolchain(), host())
     hit = cache.get("target", k, profile.name)
     folder = stage / profile.name
     if hit is not None:

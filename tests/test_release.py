@@ -96,6 +96,24 @@ def test_changing_one_target_rebuilds_only_that_target(first: dict, tiny_onnx: P
     write_build_file(first["root"], tiny_onnx, tiny_samples)  # back to the file the other tests use
 
 
+def test_a_cache_shared_by_unlike_cpus_keeps_their_int8_apart(tiny_onnx: Path, tiny_samples: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target stage made where int8 products saturate (7-bit weights, parity measured there) is not
+    served to a CPU where they do not, and is served again to a CPU like the one that made it."""
+    from edgecomp.passes import _int8
+    from edgecomp.pipeline import BuildRequest, build
+
+    reports = []
+    for i, saturates in enumerate((True, False, True)):
+        monkeypatch.setattr(_int8, "saturating_cpu", lambda *a, s=saturates: s)
+        reports.append(build(BuildRequest(model=str(tiny_onnx), targets=("ort-int8",), out=tmp_path / f"out{i}",
+                                          samples=tiny_samples, bench=False, cache=tmp_path / "cache")))
+    bits = [next(p for p in r["targets"][0]["passes"] if p["pass"] == "quantize-dynamic")["weight_bits"] for r in reports]
+    assert bits == [7, 8, 7]
+    assert [r["cache"]["stages"]["target/ort-int8"] for r in reports] == ["miss", "miss", "hit"]
+    assert [r["cache"]["stages"]["source/source"] for r in reports] == ["miss", "hit", "hit"]
+
+
 def test_a_clean_release_gives_byte_identical_artifacts(first: dict, tmp_path: Path) -> None:
     r = run_cli("release", first["bf"], "--no-cache", "--no-bench", "--out", tmp_path / "clean")
     assert r.returncode == 0, r.stderr
