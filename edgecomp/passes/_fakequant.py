@@ -3,7 +3,7 @@
 Weights: symmetric int8 per output channel, s_c = max|w_c| / q, z = 0, recomputed from the current
 weights at every training step (held in a buffer, so the exported graph reads a constant). q = 127,
 or 63 with `reduce_range` (7-bit weights that x86 CPUs without VNNI multiply without saturating; see
-`quantize_dynamic`). The fake-quant op keeps the range [-128, 127], the one ONNX's QuantizeLinear
+`_int8`). The fake-quant op keeps the range [-128, 127], the one ONNX's QuantizeLinear
 export accepts: with s_c = max|w_c| / 63 no weight rounds outside [-63, 63] anyway.
 Activations (the layer's input): per tensor, from a range [lo, hi] (widened to include 0) that an
 observer takes as an exponential moving average of each batch's min / max:
