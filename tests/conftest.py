@@ -34,6 +34,14 @@ def make_tiny_onnx(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def int8_peak(graph: object) -> int:
+    """The largest |value| among an ONNX graph's int8 initializers (the quantized weights)."""
+    import onnx
+
+    return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
+               for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import make_tiny_onnx
+from conftest import int8_peak, make_tiny_onnx
 
 from edgecomp.data import SampleSet
 from edgecomp.load.onnx import load_onnx
@@ -197,11 +197,6 @@ def test_symmetric_weights_lose_their_zero_points_and_nothing_else(bert: Path, t
     assert asym["zero_points_dropped"] == 0  # unsigned weights have real zero points
 
 
-def _int8_peak(path: Path) -> int:
-    return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
-               for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8)
-
-
 @pytest.mark.parametrize("name", ["quantize-dynamic", "quantize-static"])
 def test_int8_weights_are_7_bit_where_int8_saturates(bert: Path, tmp_path: Path, name: str) -> None:
     """x86 CPUs without VNNI add uint8 x int8 products in pairs into a saturating int16: exact only for
@@ -210,7 +205,7 @@ def test_int8_weights_are_7_bit_where_int8_saturates(bert: Path, tmp_path: Path,
     peaks, records = {}, {}
     for rr in ("auto", True, False):
         q, (records[rr],) = _chain(fused, tmp_path / str(rr), (name, {"reduce_range": rr}))
-        peaks[rr] = _int8_peak(q)
+        peaks[rr] = int8_peak(onnx.load(str(q)).graph)
         if records[rr]["weight_bits"] == 7:
             seven = q
     assert peaks[True] == 64 and peaks[False] == 127 and peaks["auto"] == (64 if saturating_cpu() else 127)

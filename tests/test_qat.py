@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from conftest import int8_peak  # noqa: E402
 from test_passes_compress import bert, digits, digits_recipe, one_thread, run_pass, state  # noqa: E402,F401
 
 from edgecomp.errors import UsageError  # noqa: E402
@@ -102,11 +103,6 @@ def test_qat_bert_exports_qdq_that_onnxruntime_matches(bert, tmp_path: Path):
     fused = ort_run(exported.onnx_path, arrays, optimize=True)  # int8 kernels (MatMulIntegerToFloat)
     assert cosine(fused, ref).min() > 0.9999
     assert cosine(ref, torch_out(handle.torch_module, arrays)).mean() > 0.99  # still close to the fp32 model
-
-
-def int8_peak(graph) -> int:
-    return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
-               for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
 
 
 def test_qat_digits_folds_batchnorm_and_keeps_accuracy(digits, tmp_path: Path):

@@ -14,6 +14,7 @@ proves the parity; a fleet of other CPUs is named with `reduce_range = true` or 
 from __future__ import annotations
 
 import platform
+from functools import lru_cache
 from pathlib import Path
 
 CHOICES = ("auto", True, False)
@@ -27,12 +28,20 @@ def saturating_cpu(machine: str | None = None, cpuinfo: str | None = None) -> bo
     if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return False
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
+        cpuinfo = _cpuinfo()
+        if cpuinfo is None:
             return True
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return not VNNI_FLAGS & set(flags)
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo() -> str | None:
+    """This machine's /proc/cpuinfo, read once (every pass run and stage key asks)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
 
 
 def resolve(value: bool | str) -> tuple[bool, str]:
