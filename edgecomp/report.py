@@ -179,10 +179,24 @@ def _pass_lines(p: dict[str, Any]) -> list[str]:
     """What a pass did, in one line, and its training loss as a sparkline (the numbers are in report.json)."""
     facts = [f"{k} {p[k]:.4g}" if isinstance(p[k], float) else f"{k} {p[k]}" for k in _KEYS if k in p and p[k] not in (None, [])]
     lines = [f"  - {p['pass']}: {', '.join(facts)}"] if facts else []
-    curve = p.get("loss_curve") or (p.get("training") or {}).get("loss_curve") or (p.get("recovery") or {}).get("loss_curve")
+    curve = loss_curve(p)
     if curve:
         lines.append(f"  - {p['pass']} loss {curve[0]:.4g} `{sparkline(curve)}` {curve[-1]:.4g} ({len(curve)} points)")
     return lines
+
+
+def loss_curve(p: dict[str, Any]) -> list[float]:
+    """A pass record's training loss: its own curve, its training's or its recovery's. An iterative pass
+    trains once per round (a list of summaries): its curve is the rounds' curves end to end."""
+    if p.get("loss_curve"):
+        return list(p["loss_curve"])
+    for key in ("training", "recovery"):
+        runs = p.get(key) or []
+        runs = [runs] if isinstance(runs, dict) else runs
+        curve = [x for r in runs if isinstance(r, dict) for x in r.get("loss_curve") or []]
+        if curve:
+            return curve
+    return []
 
 
 def sparkline(values: list[float], width: int = 60) -> str:

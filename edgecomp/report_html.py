@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecomp.report import headline
+from edgecomp.report import headline, loss_curve
 
 PASS_C, FAIL_C, REF_C = "#1a7f37", "#cf222e", "#6e7781"
 PALETTE = ("#0969da", "#8250df", "#bf8700", "#1b7c83", "#bc4c00", "#a40e26", "#4d2d00", "#116329")
@@ -339,12 +339,12 @@ def _diff_chart(name: str, d: dict[str, Any]) -> str:
 
 
 def _loss_curves(targets: list[dict[str, Any]]) -> list[str]:
-    """Every training loss a pass recorded (the same three places report.md looks); a build-level
+    """Every training loss a pass recorded (`loss_curve`, as report.md reads it); a build-level
     pass shared by several targets trained once, so one curve is drawn once, titled with all of them."""
     curves: dict[tuple[str, tuple[float, ...]], list[str]] = {}
     for t in targets:
         for p in t.get("passes", []):
-            curve = p.get("loss_curve") or (p.get("training") or {}).get("loss_curve") or (p.get("recovery") or {}).get("loss_curve")
+            curve = loss_curve(p)
             if curve:
                 curves.setdefault((p["pass"], tuple(curve)), []).append(t["target"])
     charts = []

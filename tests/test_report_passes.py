@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgecomp.report import _pass_lines, sparkline
+from edgecomp.report import _pass_lines, loss_curve, sparkline
 
 
 def test_sparkline_follows_the_curve() -> None:
@@ -19,3 +19,13 @@ def test_pass_lines_name_the_counts_and_draw_the_training() -> None:
     assert "params_before 1000, params_after 600" in lines[0]
     assert lines[1].endswith("0.5 (3 points)") and "`█▃▁`" in lines[1]
     assert _pass_lines({"pass": "quantize-dynamic", "per_channel": True}) == []
+
+
+def test_an_iterative_pass_draws_its_rounds_end_to_end() -> None:
+    """A pass that trains once per round records a list of training summaries: its curve is theirs in order."""
+    rounds = [{"loss_curve": [3.0, 2.0]}, {"loss_curve": [2.5, 1.0]}]
+    assert loss_curve({"pass": "prune-unstructured", "training": rounds}) == [3.0, 2.0, 2.5, 1.0]
+    assert loss_curve({"pass": "prune-structured", "recovery": rounds}) == [3.0, 2.0, 2.5, 1.0]
+    assert loss_curve({"pass": "distill", "loss_curve": [1.0], "training": rounds}) == [1.0]
+    assert loss_curve({"pass": "quantize-dynamic"}) == []
+    assert _pass_lines({"pass": "prune-unstructured", "sparsity": 0.5, "training": rounds})[1].endswith("(4 points)")

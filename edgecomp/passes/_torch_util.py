@@ -152,6 +152,12 @@ def plot_curve(curve: list[float], path: Any, title: str) -> str | None:
     return str(path)
 
 
+def cubic_goal(final: float, k: int, rounds: int) -> float:
+    """The share pruned after round k of `rounds` (Zhu & Gupta): s_k = s (1 - (1 - k/n)^3). Most of it goes
+    early, while the model still has the capacity to absorb it; the last rounds remove little and polish."""
+    return final * (1 - (1 - k / rounds) ** 3)
+
+
 class Clock:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()

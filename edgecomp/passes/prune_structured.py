@@ -31,6 +31,10 @@ on the kept units are re-solved so the layer reproduces its unpruned output on t
 `ratio` is the share of each kind removed (per layer with scope="layer"; ranked over all layers
 with scope="global", scores normalised by each layer's mean); every layer keeps at least one unit.
 Optional recovery: distillation from the unpruned model (the distill pass's training function).
+Schedules: `oneshot` cuts everything at once, then recovers; `iterative` runs `iterations` rounds of
+cut -> recover (recover_steps / recover_epochs each), the share removed so far following the cubic
+schedule of prune-unstructured, so each round scores its units on a model that has absorbed the
+cuts before it. Shares always count the units the model had when the pass began.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from typing import Any
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 from edgecomp.passes import choice
-from edgecomp.passes._torch_util import Clock, Recovery, clone, find_transformer, linear_conv_macs, record, stats, torch_module
+from edgecomp.passes._torch_util import (Clock, Recovery, clone, conv_chains, cubic_goal, find_transformer, linear_conv_macs,
+                                         record, stats, torch_module)
 from edgecomp.passes.context import PassContext
 
 KINDS = ("heads", "neurons", "channels")
@@ -60,12 +65,19 @@ class Params(Recovery):
     compensate: bool = True  # fold removed units' mean output (on training data) into the next bias
     refit: bool = True  # transformers: least-squares refit of the consumer weights on the kept units (needs compensate)
     drop_layers: tuple[int, ...] = ()
+    schedule: str = "oneshot"  # oneshot | iterative
+    iterations: int = 3
     resume: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         choice("importance", self.importance, ("magnitude", "taylor", "variance"))
         choice("scope", self.scope, ("layer", "global"))
+        choice("schedule", self.schedule, ("oneshot", "iterative"))
+        if self.iterations < 1:
+            raise ValueError("iterations must be >= 1")
+        if self.schedule == "iterative" and self.resume:
+            raise ValueError("resume continues a one-shot recovery; an iterative schedule starts over")
         for u in self.units:
             choice("units", u, KINDS)
         for name in ("ratio", "heads_ratio", "neurons_ratio", "channels_ratio"):
@@ -98,20 +110,35 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
             raise UsageError(f"prune-structured: drop_layers {list(params.drop_layers)} must name some (not all) of layers 0..{n - 1}")
         drop_layers(tr, [i for i in range(n) if i not in params.drop_layers])
         removed["layers"] = sorted(params.drop_layers)
-    scores = taylor_scores(student, model, ctx, params) if params.importance == "taylor" else None
+    rounds = params.iterations if params.schedule == "iterative" else 1
+    tune = params.recover_epochs > 0 or params.recover_steps > 0
+    if rounds > 1 and not tune:
+        raise UsageError("prune-structured: iterative pruning recovers between cuts: give recover_epochs or recover_steps")
     needs_data = params.compensate or params.importance == "variance"
     args, mask = mean_batch(model, ctx, params.seed if params.seed >= 0 else ctx.seed) if needs_data else (None, None)
-    removed |= shrink(student, heads=params.share("heads"), neurons=params.share("neurons"),
-                      channels=params.share("channels"), scores=scores, scope=params.scope, args=args, mask=mask,
-                      importance=params.importance, refit=params.refit and params.compensate)
+    totals = unit_counts(student)
+    history, training = [], []
+    for k in range(1, rounds + 1):
+        goal = {kind: cubic_goal(params.share(kind), k, rounds) for kind in KINDS}
+        scores = taylor_scores(student, model, ctx, params) if params.importance == "taylor" else None
+        cut = shrink(student, heads=goal["heads"], neurons=goal["neurons"], channels=goal["channels"], scores=scores,
+                     scope=params.scope, args=args, mask=mask, importance=params.importance,
+                     refit=params.refit and params.compensate, totals=totals)
+        merge_removed(removed, cut)
+        if rounds > 1:
+            history.append({"round": k, "goal": {kind: round(v, 4) for kind, v in goal.items() if v},
+                            "params": stats(student)["params"]})
+        if tune:
+            from edgecomp.passes.distill import recover
+
+            training.append(recover(teacher, student, model, ctx, params, "prune-structured",
+                                    scratch=f"round-{k}" if rounds > 1 else None))
     if not any(removed.get(k) for k in ("layers", "heads_removed", "neurons_removed", "channels_removed")):
         raise UsageError("prune-structured: nothing to prune (no attention heads, FFN neurons or prunable conv channels "
                          "at this ratio)")
-    extra: dict[str, Any] = {}
-    if params.recover_epochs > 0 or params.recover_steps > 0:
-        from edgecomp.passes.distill import recover
-
-        extra["recovery"] = recover(teacher, student, model, ctx, params, "prune-structured")
+    extra: dict[str, Any] = {"rounds": history} if history else {}
+    if training:
+        extra["recovery"] = training[0] if rounds == 1 else training
     after = stats(student)
     rec = record("prune-structured", params, before, after, clock, removed=removed,
                  linear_conv_macs_before=macs_before, linear_conv_macs_after=linear_conv_macs(student, feed, model.input_names),
@@ -119,10 +146,38 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     return model.with_pass(rec, onnx_path=None, torch_module=student.eval())
 
 
+def unit_counts(module: Any) -> dict[str, dict[int, int]]:
+    """Heads and FFN neurons per transformer layer, output channels per conv chain: what shares count from."""
+    tr = find_transformer(module)
+    layers = list({id(m): m for m in tr.encoder.layer}.values()) if tr is not None else []
+    return {"heads": {i: layer.attention.self.num_attention_heads for i, layer in enumerate(layers)},
+            "neurons": {i: layer.intermediate.dense.out_features for i, layer in enumerate(layers)},
+            "channels": {i: c.conv.out_channels for i, c in enumerate(conv_chains(module))}}
+
+
+def merge_removed(into: dict[str, Any], cut: dict[str, Any]) -> None:
+    """Add one round's `shrink` result to the pass's running total (the first round's unit counts stay)."""
+    for key, value in cut.items():
+        old = into.get(key)
+        if old is None or key in ("bias_compensation", "refit"):
+            into[key] = value if old is None else old
+        elif key == "heads_removed":
+            into[key] = {i: sorted(old.get(i, []) + value.get(i, [])) for i in {**old, **value}}
+        elif key == "neurons_removed":
+            into[key] = {i: old.get(i, 0) + value.get(i, 0) for i in {**old, **value}}
+        elif key == "channels_removed":
+            into[key] = {n: [old[n][0] if n in old else b, a] for n, (b, a) in value.items()} | \
+                {n: v for n, v in old.items() if n not in value}
+
+
 def shrink(module: Any, heads: float = 0.0, neurons: float = 0.0, channels: float = 0.0,
            scores: dict[str, dict[Any, Any]] | None = None, scope: str = "layer", args: list[Any] | None = None,
-           mask: Any = None, importance: str = "magnitude", refit: bool = False) -> dict[str, Any]:
+           mask: Any = None, importance: str = "magnitude", refit: bool = False,
+           totals: dict[str, dict[int, int]] | None = None) -> dict[str, Any]:
     """Remove the given shares of heads / neurons / channels in place.
+
+    A share counts from `totals` (units per group when pruning began; default: the units there now), the
+    units already gone included: an iterative schedule asks for its cumulative goal each round.
 
     `scores` (per kind, per layer) rank the units; without them `importance` says how: magnitude, or
     variance (a transformer unit's removal error, needs `args`). With `args` (one batch of real
@@ -133,9 +188,10 @@ def shrink(module: Any, heads: float = 0.0, neurons: float = 0.0, channels: floa
     dropping it outright shifts every later layer. With `refit` too, a transformer consumer's weights
     on the kept units are solved by least squares to reproduce its full output (see `refit_linear`).
     """
-    from edgecomp.passes._torch_util import conv_chains, input_moments
+    from edgecomp.passes._torch_util import input_moments
 
     out: dict[str, Any] = {}
+    totals = totals or {}
     tr = find_transformer(module)
     scores = scores or {}
     layers = list({id(m): m for m in tr.encoder.layer}.values()) if tr is not None else []  # shared: pruned once
@@ -149,7 +205,7 @@ def shrink(module: Any, heads: float = 0.0, neurons: float = 0.0, channels: floa
         st = measure([layer.attention.output.dense for layer in layers], want_cov)
         s = scores.get("heads") or {i: head_score(layer, st.get(id(layer.attention.output.dense)), importance)
                                     for i, layer in enumerate(layers)}
-        cut = select(s, heads, scope)
+        cut = select(s, heads, scope, totals.get("heads"))
         out["heads_removed"] = {str(i): prune_heads(tr, i, layers[i], c, st.get(id(layers[i].attention.output.dense)), refit)
                                 for i, c in cut.items() if c}
         out["heads_before"] = sum(len(v) for v in s.values())
@@ -157,7 +213,7 @@ def shrink(module: Any, heads: float = 0.0, neurons: float = 0.0, channels: floa
         st = measure([layer.output.dense for layer in layers], want_cov)  # after the heads are cut
         s = scores.get("neurons") or {i: neuron_score(layer, st.get(id(layer.output.dense)), importance)
                                       for i, layer in enumerate(layers)}
-        cut = select(s, neurons, scope)
+        cut = select(s, neurons, scope, totals.get("neurons"))
         for i, c in cut.items():
             prune_neurons(layers[i], c, st.get(id(layers[i].output.dense)), refit)
         out["neurons_removed"] = {str(i): len(c) for i, c in cut.items() if c}
@@ -167,12 +223,13 @@ def shrink(module: Any, heads: float = 0.0, neurons: float = 0.0, channels: floa
         if scope == "global":
             st = measure([c.consumer for c in chains], importance == "variance")
             cut = select(given or {i: channel_score(c, st.get(id(c.consumer)), importance) for i, c in enumerate(chains)},
-                         channels, scope)
+                         channels, scope, totals.get("channels"))
         out["channels_removed"] = {}
         for i, chain in enumerate(chains):
             st1 = measure([chain.consumer], importance == "variance" and scope == "layer").get(id(chain.consumer))
             if scope == "layer":
-                c = select({i: given[i] if given else channel_score(chain, st1, importance)}, channels, scope)[i]
+                c = select({i: given[i] if given else channel_score(chain, st1, importance)}, channels, scope,
+                           totals.get("channels"))[i]
             else:
                 c = cut[i]
             if c:
@@ -257,18 +314,24 @@ def mean_batch(model: ModelHandle, ctx: PassContext, seed: int, n: int = 256) ->
     return [batch[k] for k in model.input_names], batch.get("attention_mask")
 
 
-def select(scores: dict[Any, Any], share: float, scope: str) -> dict[Any, list[int]]:
-    """Indices to remove per group: the lowest-scoring `share`, at least one unit kept per group."""
+def select(scores: dict[Any, Any], share: float, scope: str, totals: dict[Any, int] | None = None) -> dict[Any, list[int]]:
+    """Indices to remove per group: the lowest-scoring units, so that `share` of the group's `totals` (its
+    units when pruning began; default: those scored now) are gone; at least one unit kept per group."""
     import torch
+
+    def total(g: Any) -> int:
+        return max(totals.get(g, len(scores[g])), len(scores[g])) if totals else len(scores[g])
 
     if scope == "layer":
         out = {}
         for g, s in scores.items():
-            k = min(int(len(s) * share), len(s) - 1)
+            n = total(g)
+            k = max(0, min(int(n * share) - (n - len(s)), len(s) - 1))
             out[g] = sorted(torch.argsort(s)[:k].tolist())
         return out
     flat = [(float(v) / max(float(s.mean()), 1e-12), g, j) for g, s in scores.items() for j, v in enumerate(s)]
-    budget = int(len(flat) * share)
+    n = sum(total(g) for g in scores)
+    budget = max(0, int(n * share) - (n - len(flat)))
     out = {g: [] for g in scores}
     for _, g, j in sorted(flat):
         if budget == 0:
@@ -363,7 +426,6 @@ def taylor_scores(module: Any, model: ModelHandle, ctx: PassContext, p: Params) 
     import torch
     import torch.nn.functional as F
 
-    from edgecomp.passes._torch_util import conv_chains
     from edgecomp.passes._train_data import is_classifier, training_data
     from edgecomp.passes._train_distill import trim_padding
 

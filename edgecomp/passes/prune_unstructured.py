@@ -22,7 +22,7 @@ from typing import Any
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 from edgecomp.passes import choice
-from edgecomp.passes._torch_util import Clock, Recovery, clone, record, stats, torch_module
+from edgecomp.passes._torch_util import Clock, Recovery, clone, cubic_goal, record, stats, torch_module
 from edgecomp.passes.context import PassContext
 
 
@@ -65,7 +65,7 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in targets.items()}
     history, training = [], []
     for k in range(1, rounds + 1):
-        goal = params.sparsity * (1 - (1 - k / rounds) ** 3)
+        goal = cubic_goal(params.sparsity, k, rounds)
         masks = magnitude_masks(targets, masks, goal, params.scope)
         with torch.no_grad():
             for n, w in targets.items():
