@@ -45,10 +45,11 @@ def main() -> int:
     summary = evaluate(teacher / "ort-fp32", pruned / "ort-fp32", args.threads, args.rounds, args.runs)
     rep = json.loads((pruned / "report.json").read_text())
     rec = next(p for p in rep["targets"][0]["passes"] if p["pass"] == "prune-structured")
+    runs = rec["recovery"] if isinstance(rec["recovery"], list) else [rec["recovery"]]  # schedule=iterative: one per round
     summary |= {
         "options": options, "build_wall_seconds": round(wall, 1),
-        "recovery_steps": rec["recovery"]["steps"], "recovery_seconds": rec["recovery"]["train_seconds"],
-        "recovery_samples": rec["recovery"]["samples"],
+        **{f"recovery_{k}": sum(r[key] for r in runs) for k, key in (("steps", "steps"), ("seconds", "train_seconds"),
+                                                                      ("samples", "samples"))},
         "heads_removed": sum(len(v) for v in rec["removed"]["heads_removed"].values()),
         "heads_before": rec["removed"]["heads_before"],
         "neurons_removed": sum(rec["removed"]["neurons_removed"].values()),
