@@ -147,6 +147,34 @@ def test_distill_drops_layers_and_learns(bert):
     assert embed(out.torch_module, ctx.samples.validation).shape == (16, HIDDEN)
 
 
+def test_distill_absorb_ffn_widens_with_the_dropped_layers_strongest_neurons():
+    """4 -> 2 layers keeps [0, 3]: dropped layers 1 and 2 give their 8 strongest FFN neurons (W1 rows, biases,
+    W2 columns, exactly) to kept layer 0, which keeps all its own; the teacher is untouched."""
+    from edgecomp.passes.distill import make_student
+
+    teacher = tiny_encoder()
+    before = state(teacher)
+    student, built = make_student(teacher, make_params("distill", {"num_layers": 2, "absorb_ffn": 8}), 0)
+    assert built["absorbed_ffn"] == {"0": {"from_teacher_layers": [1, 2], "neurons_added": 16, "width": FFN + 16}}
+    layer, last = student.bert.encoder.layer
+    assert last.intermediate.dense.out_features == FFN  # nothing was dropped after layer 3
+    own = teacher.bert.encoder.layer[0]
+    assert torch.equal(layer.intermediate.dense.weight[:FFN], own.intermediate.dense.weight)
+    assert torch.equal(layer.output.dense.weight[:, :FFN], own.output.dense.weight)
+    w1 = layer.intermediate.dense.weight
+    for d in (1, 2):
+        src = teacher.bert.encoder.layer[d]
+        strength = src.intermediate.dense.weight.norm(dim=1) * src.output.dense.weight.norm(dim=0)
+        for j in torch.argsort(strength, descending=True)[:8].tolist():
+            row = (w1 == src.intermediate.dense.weight[j]).all(1).nonzero().flatten().tolist()
+            assert len(row) == 1 and row[0] >= FFN
+            assert torch.equal(layer.output.dense.weight[:, row[0]], src.output.dense.weight[:, j])
+            assert layer.intermediate.dense.bias[row[0]] == src.intermediate.dense.bias[j]
+    assert student(*[torch.from_numpy(v) for v in token_arrays(2, seed=1).values()]).shape == (2, HIDDEN)
+    after = state(teacher)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_distill_teacher_cache_matches_the_teacher_on_mixed_batches():
     """Rows cached in an earlier step and rows the teacher has not seen (augmented: _idx -1) share a batch:
     the targets equal one teacher forward on the whole batch, on every real position."""

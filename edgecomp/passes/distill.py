@@ -45,6 +45,7 @@ class Params:
     channels_ratio: float = 0.0
     student_config: str = ""
     layer_map: tuple[int, ...] = ()
+    absorb_ffn: int = 0  # a wider student: each dropped layer's N strongest FFN neurons join the kept layer before it
     # the loss (weights; 0 turns a term off)
     kd: float = 1.0
     alpha: float = 0.5
@@ -77,8 +78,8 @@ class Params:
         for name in ("heads_ratio", "ffn_ratio", "channels_ratio"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be in [0, 1)")
-        if self.keep_every < 1 or self.num_layers < 0:
-            raise ValueError("keep_every must be >= 1 and num_layers >= 0")
+        if self.keep_every < 1 or self.num_layers < 0 or self.absorb_ffn < 0:
+            raise ValueError("keep_every must be >= 1, num_layers and absorb_ffn >= 0")
         if self.epochs < 1 and self.steps < 1:
             raise ValueError("give epochs >= 1 or steps >= 1")
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
@@ -231,9 +232,12 @@ def make_student(teacher: Any, p: Params, seed: int) -> tuple[Any, dict[str, Any
         keep = list(p.layers) or evenly(n, p.num_layers or -(-n // p.keep_every))
         if not keep or any(not 0 <= i < n for i in keep) or len(set(keep)) != len(keep):
             raise UsageError(f"distill: layers {keep} must be distinct teacher layers in [0, {n})")
+        donors = {i: tr.encoder.layer[i] for i in range(n) if i not in keep}
         drop_layers(tr, sorted(keep))
         built |= {"kind": "layers", "teacher_layers": n, "kept_layers": sorted(keep),
                   "removed_layers": [i for i in range(n) if i not in keep]}
+        if p.absorb_ffn:
+            built["absorbed_ffn"] = absorb_ffn(tr, sorted(keep), donors, p.absorb_ffn)
     if p.heads_ratio or p.ffn_ratio or p.channels_ratio:
         from edgecomp.passes.prune_structured import shrink
 
@@ -242,6 +246,40 @@ def make_student(teacher: Any, p: Params, seed: int) -> tuple[Any, dict[str, Any
         raise UsageError("distill: nothing makes the student smaller: the model has no transformer layers to drop; "
                          "give channels_ratio (conv channels) or heads_ratio / ffn_ratio")
     return student, built
+
+
+def absorb_ffn(tr: Any, keep: list[int], donors: dict[int, Any], k: int) -> dict[str, Any]:
+    """Widen the student's FFNs with the dropped layers' own neurons: each dropped teacher layer's k strongest
+    (||W1_j|| * ||W2[:, j]||) join the FFN of the kept layer before it (the first kept layer takes those
+    dropped before it). An FFN adds its output to the residual stream, so they start as the dropped layer's
+    detectors fed by the kept layer's input, and distillation adapts them. The gain is the width, at its
+    cost in speed: swapping the same neurons in for the kept layer's weakest (width unchanged) measured
+    nothing (MiniLM 6 -> 3 layers, 1000 steps: tools/distill_minilm.py)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for new, old in enumerate(keep):
+        given = [d for d in sorted(donors) if max([i for i in keep if i < d], default=keep[0]) == old]
+        if not given:
+            continue
+        layer = tr.encoder.layer[new]
+        a, o = layer.intermediate.dense, layer.output.dense
+        parts = [(a.weight, a.bias, o.weight)]
+        for d in given:
+            da, do = donors[d].intermediate.dense, donors[d].output.dense
+            top = torch.argsort(da.weight.detach().norm(dim=1) * do.weight.detach().norm(dim=0), descending=True)[:k]
+            parts.append((da.weight[top], da.bias[top], do.weight[:, top]))
+        width = sum(w1.shape[0] for w1, _, _ in parts)
+        na = torch.nn.Linear(a.in_features, width, dtype=a.weight.dtype)
+        no = torch.nn.Linear(width, o.out_features, dtype=o.weight.dtype)
+        with torch.no_grad():
+            na.weight.copy_(torch.cat([w1 for w1, _, _ in parts]))
+            na.bias.copy_(torch.cat([b1 for _, b1, _ in parts]))
+            no.weight.copy_(torch.cat([w2 for _, _, w2 in parts], 1))
+            no.bias.copy_(o.bias)
+        layer.intermediate.dense, layer.output.dense = na, no
+        out[str(new)] = {"from_teacher_layers": given, "neurons_added": width - a.out_features, "width": width}
+    return out
 
 
 def evenly(n: int, k: int) -> list[int]:
