@@ -50,6 +50,11 @@ class Recovery:
             raise ValueError("recover_epochs and recover_steps must be >= 0")
         check_training(self.batch_size, self.lr, self.augment, self.dropout, self.precision)
 
+    @property
+    def tunes(self) -> bool:
+        """Whether the pass fine-tunes after shrinking."""
+        return self.recover_epochs > 0 or self.recover_steps > 0
+
 
 def check_training(batch_size: int, lr: float, augment: float, dropout: float, precision: str) -> None:
     """The training options distill and every recovery fine-tune share, for their `__post_init__`."""

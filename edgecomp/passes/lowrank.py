@@ -95,7 +95,7 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
         raise UsageError(f"lowrank: no layer gets cheaper at ratio={params.ratio} energy={params.energy} "
                          f"({len(skipped)} considered)")
     extra: dict[str, Any] = {}
-    if params.recover_epochs > 0 or params.recover_steps > 0:
+    if params.tunes:
         from edgecomp.passes.distill import recover
 
         extra["recovery"] = recover(teacher, student, model, ctx, params, "lowrank")

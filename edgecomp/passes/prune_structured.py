@@ -111,8 +111,7 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
         drop_layers(tr, [i for i in range(n) if i not in params.drop_layers])
         removed["layers"] = sorted(params.drop_layers)
     rounds = params.iterations if params.schedule == "iterative" else 1
-    tune = params.recover_epochs > 0 or params.recover_steps > 0
-    if rounds > 1 and not tune:
+    if rounds > 1 and not params.tunes:
         raise UsageError("prune-structured: iterative pruning recovers between cuts: give recover_epochs or recover_steps")
     needs_data = params.compensate or params.importance == "variance"
     args, mask = mean_batch(model, ctx, params.seed if params.seed >= 0 else ctx.seed) if needs_data else (None, None)
@@ -128,7 +127,7 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
         if rounds > 1:
             history.append({"round": k, "goal": {kind: round(v, 4) for kind, v in goal.items() if v},
                             "params": stats(student)["params"]})
-        if tune:
+        if params.tunes:
             from edgecomp.passes.distill import recover
 
             training.append(recover(teacher, student, model, ctx, params, "prune-structured",
@@ -148,19 +147,25 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
 
 def unit_counts(module: Any) -> dict[str, dict[int, int]]:
     """Heads and FFN neurons per transformer layer, output channels per conv chain: what shares count from."""
-    tr = find_transformer(module)
-    layers = list({id(m): m for m in tr.encoder.layer}.values()) if tr is not None else []
+    layers = encoder_layers(module)
     return {"heads": {i: layer.attention.self.num_attention_heads for i, layer in enumerate(layers)},
             "neurons": {i: layer.intermediate.dense.out_features for i, layer in enumerate(layers)},
             "channels": {i: c.conv.out_channels for i, c in enumerate(conv_chains(module))}}
 
 
+def encoder_layers(module: Any) -> list[Any]:
+    """The transformer's layers, each once (a layer shared by parameter sharing is pruned once); [] without one."""
+    tr = find_transformer(module)
+    return list({id(m): m for m in tr.encoder.layer}.values()) if tr is not None else []
+
+
 def merge_removed(into: dict[str, Any], cut: dict[str, Any]) -> None:
-    """Add one round's `shrink` result to the pass's running total (the first round's unit counts stay)."""
+    """Add one round's `shrink` result to the pass's running total: what was removed adds up, the rest
+    (unit counts before, what was folded or refit) stays the first round's."""
     for key, value in cut.items():
         old = into.get(key)
-        if old is None or key in ("bias_compensation", "refit"):
-            into[key] = value if old is None else old
+        if old is None:
+            into[key] = value
         elif key == "heads_removed":
             into[key] = {i: sorted(old.get(i, []) + value.get(i, [])) for i in {**old, **value}}
         elif key == "neurons_removed":
@@ -194,7 +199,7 @@ def shrink(module: Any, heads: float = 0.0, neurons: float = 0.0, channels: floa
     totals = totals or {}
     tr = find_transformer(module)
     scores = scores or {}
-    layers = list({id(m): m for m in tr.encoder.layer}.values()) if tr is not None else []  # shared: pruned once
+    layers = encoder_layers(module)
     chains = conv_chains(module) if channels else []
     want_cov = refit or importance == "variance"
 
@@ -320,7 +325,7 @@ def select(scores: dict[Any, Any], share: float, scope: str, totals: dict[Any, i
     import torch
 
     def total(g: Any) -> int:
-        return max(totals.get(g, len(scores[g])), len(scores[g])) if totals else len(scores[g])
+        return max((totals or {}).get(g, 0), len(scores[g]))
 
     if scope == "layer":
         out = {}
@@ -430,12 +435,10 @@ def taylor_scores(module: Any, model: ModelHandle, ctx: PassContext, p: Params) 
     from edgecomp.passes._train_distill import trim_padding
 
     units: dict[str, dict[Any, tuple[Any, int, int, bool]]] = {"heads": {}, "neurons": {}, "channels": {}}
-    tr = find_transformer(module)
-    if tr is not None:
-        for i, layer in enumerate({id(m): m for m in tr.encoder.layer}.values()):
-            sa = layer.attention.self
-            units["heads"][i] = (sa, sa.num_attention_heads, sa.attention_head_size, True)
-            units["neurons"][i] = (layer.intermediate, layer.intermediate.dense.out_features, 1, False)
+    for i, layer in enumerate(encoder_layers(module)):
+        sa = layer.attention.self
+        units["heads"][i] = (sa, sa.num_attention_heads, sa.attention_head_size, True)
+        units["neurons"][i] = (layer.intermediate, layer.intermediate.dense.out_features, 1, False)
     for i, chain in enumerate(conv_chains(module)):
         units["channels"][i] = (chain.last, chain.conv.out_channels, 0, False)
     gates: dict[tuple[str, Any], Any] = {}

@@ -57,7 +57,7 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     if not targets:
         raise UsageError("prune-unstructured: the model has no Linear / Conv weights to prune")
     rounds = params.iterations if params.schedule == "iterative" else 1
-    tune = params.recover_epochs > 0 or params.recover_steps > 0
+    tune = params.tunes
     if (rounds > 1 or params.rewind) and not tune:
         raise UsageError("prune-unstructured: iterative pruning and rewinding retrain between prunes: "
                          "give recover_epochs or recover_steps")

@@ -43,7 +43,7 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     unique_before = len({id(m) for m in tr.encoder.layer})
     groups = share_layers(tr.encoder.layer, params.group_size, params.init)
     extra: dict[str, Any] = {}
-    if params.recover_epochs > 0 or params.recover_steps > 0:
+    if params.tunes:
         from edgecomp.passes.distill import recover
 
         extra["recovery"] = recover(teacher, student, model, ctx, params, "share")
