@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_judge import evaluate, finish, parse, parser, run  # noqa: E402
+
+from edgecomp.passes import split_options  # noqa: E402
 # 1000-step comparisons on the 8,609-sentence train split of an earlier corpus (validation Spearman): augment 1.0 -> 0.3 +0.010,
 # embed_cos 1 -> 10 +0.011, hidden 5 -> 20 +0.003, teacher forcing none within noise, hidden 0 -0.015,
 # attention maps, lr 1e-3 and trained embeddings within noise. precision=auto: bf16 autocast where the CPU has it
@@ -69,7 +71,7 @@ def main() -> int:
         shutil.rmtree(train, ignore_errors=True)
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "-m", "edgecomp.passes.distill", "minilm",
-               "--out", str(train), *[a for o in options.split(",") for a in ("--set", o)]]
+               "--out", str(train), *[a for o in split_options(options) for a in ("--set", o)]]
         run(cmd, {"OMP_NUM_THREADS": "1"})
         options += f",resume={train / 'checkpoints' / 'last.pt'}"
     else:

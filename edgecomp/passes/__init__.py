@@ -79,7 +79,7 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = spec.partition(":")
     pass_module(name)
     options: dict[str, Any] = {}
-    for item in filter(None, (i.strip() for i in _split_top(rest))):
+    for item in filter(None, (i.strip() for i in split_options(rest))):
         key, eq, raw = item.partition("=")
         if not eq:
             raise UsageError(f"--pass {spec!r}: expected KEY=VALUE, got {item!r}")
@@ -91,7 +91,7 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def _split_top(text: str) -> list[str]:
+def split_options(text: str) -> list[str]:
     """Split on commas outside brackets, so `layers=[1,2]` stays whole."""
     parts, depth, cur = [], 0, ""
     for ch in text:
