@@ -171,7 +171,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_KEYS = ("params_before", "params_after", "params_ratio", "sparsity", "sparsity_reached", "layers_factorized", "float_layers", "target_met",
+_KEYS = ("params_before", "params_after", "params_ratio", "sparsity", "sparsity_reached", "shares_removed", "layers_factorized", "float_layers", "target_met",
          "weight_bits", "seconds")
 
 

@@ -311,9 +311,23 @@ def test_prune_structured_heads_and_neurons_shrink_tensors(bert):
         assert layer.intermediate.dense.weight.shape == (32, HIDDEN)
         assert layer.output.dense.weight.shape == (HIDDEN, 32)
     assert all(len(v) == 2 for v in rec["removed"]["heads_removed"].values())
+    assert rec["shares_removed"] == {"heads": 0.5, "neurons": 0.5}
     assert rec["linear_conv_macs_after"] < 0.55 * rec["linear_conv_macs_before"]
     e0, e1 = embed(handle.torch_module, ctx.samples.validation), embed(out.torch_module, ctx.samples.validation)
     assert e1.shape == e0.shape
+
+
+def test_prune_structured_shares_round_to_the_nearest_unit():
+    """40 % of 12 heads removes 5 (41.7 %), not 4 (33 %): the share reached is the closest to the one asked, per layer
+    and over all layers, and every group keeps a unit."""
+    from edgecomp.passes.prune_structured import select
+
+    scores = {0: torch.arange(12.0), 1: torch.arange(12.0).flip(0)}
+    assert select(scores, 0.4, "layer") == {0: [0, 1, 2, 3, 4], 1: [7, 8, 9, 10, 11]}
+    assert sum(map(len, select(scores, 0.4, "global").values())) == 10  # 9.6 of 24
+    assert select(scores, 0.3, "layer")[0] == [0, 1, 2, 3]  # 3.6 -> 4
+    assert select(scores, 0.2, "layer")[0] == [0, 1]  # 2.4 -> 2
+    assert select({0: torch.arange(2.0)}, 0.9, "layer") == {0: [0]}
 
 
 def test_prune_structured_taylor_global(bert):

@@ -55,7 +55,7 @@ def main() -> int:
         "heads_removed": sum(len(v) for v in rec["removed"]["heads_removed"].values()),
         "heads_before": rec["removed"]["heads_before"],
         "neurons_removed": sum(rec["removed"]["neurons_removed"].values()),
-        "neurons_before": rec["removed"]["neurons_before"],
+        "neurons_before": rec["removed"]["neurons_before"], "shares_removed": rec["shares_removed"],
         "params_teacher": rec["params_before"], "params_pruned": rec["params_after"],
         "linear_conv_macs_ratio": round(rec["linear_conv_macs_before"] / rec["linear_conv_macs_after"], 3),
         "machine": rep["environment"]["cpu"], "cores": rep["environment"]["cores"],
