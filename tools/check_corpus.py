@@ -3,7 +3,9 @@
 
 A line is a near-duplicate when the teacher (all-MiniLM-L6-v2, mean pooling) puts it within cosine `--max-cos`
 (0.85) of a calibration or validation sentence. Training on those would make the held-out figures of
-tools/distill_minilm.py and tools/prune_minilm.py look better than they are.
+tools/distill_minilm.py and tools/prune_minilm.py look better than they are. A flagged line of
+models/data/sentences.txt (its split is random, so it cannot simply be deleted without changing every split)
+goes into models/data/train_exclude.txt; a flagged line of train_sentences.txt is deleted.
 
     .venv/bin/python tools/check_corpus.py                          # the recipe's whole train split: exit 1 if any
     .venv/bin/python tools/check_corpus.py new.txt --keep kept.txt  # new lines: write those that pass (and are new)

@@ -31,16 +31,19 @@ def model_dir() -> Path:
 def corpus(recipe: Recipe) -> dict[str, list[str]]:
     """The shipped sentences, shuffled with the recipe's seed: calibration, validation, and the rest (train),
     plus the lines of `train_corpus` (training text only: it never changes the calibration and
-    validation splits, and any of its lines that is one of theirs is dropped)."""
+    validation splits, and any of its lines that is one of theirs is dropped). Lines of `train_exclude`
+    (near-duplicates of held-out sentences, found by tools/check_corpus.py) never reach the train split."""
     lines = _lines(MODELS_DIR / recipe.options.get("corpus", "data/sentences.txt"))
     random.Random(recipe.seed).shuffle(lines)
     c, v = recipe.calibration, recipe.validation
     if c + v > len(lines):
         raise UsageError(f"{recipe.options.get('corpus')}: {len(lines)} sentences, the recipe asks for {c} + {v}")
     held_out = {s.casefold() for s in lines[:c + v]}
-    extra = [s for s in _lines(MODELS_DIR / recipe.options["train_corpus"]) if s.casefold() not in held_out] \
-        if recipe.options.get("train_corpus") else []
-    return {"calibration": lines[:c], "validation": lines[c:c + v], "train": lines[c + v:] + extra}
+    if recipe.options.get("train_exclude"):
+        held_out |= {s.casefold() for s in _lines(MODELS_DIR / recipe.options["train_exclude"])}
+    extra = _lines(MODELS_DIR / recipe.options["train_corpus"]) if recipe.options.get("train_corpus") else []
+    train = [s for s in lines[c + v:] + extra if s.casefold() not in held_out]
+    return {"calibration": lines[:c], "validation": lines[c:c + v], "train": train}
 
 
 def _lines(path: Path) -> list[str]:
