@@ -38,11 +38,11 @@ def corpus(recipe: Recipe) -> dict[str, list[str]]:
     c, v = recipe.calibration, recipe.validation
     if c + v > len(lines):
         raise UsageError(f"{recipe.options.get('corpus')}: {len(lines)} sentences, the recipe asks for {c} + {v}")
-    held_out = {s.casefold() for s in lines[:c + v]}
+    never = {s.casefold() for s in lines[:c + v]}  # held out, and their listed near-duplicates
     if recipe.options.get("train_exclude"):
-        held_out |= {s.casefold() for s in _lines(MODELS_DIR / recipe.options["train_exclude"])}
+        never |= {s.casefold() for s in _lines(MODELS_DIR / recipe.options["train_exclude"])}
     extra = _lines(MODELS_DIR / recipe.options["train_corpus"]) if recipe.options.get("train_corpus") else []
-    train = [s for s in lines[c + v:] + extra if s.casefold() not in held_out]
+    train = [s for s in lines[c + v:] + extra if s.casefold() not in never]
     return {"calibration": lines[:c], "validation": lines[c:c + v], "train": train}
 
 
