@@ -408,6 +408,43 @@ def test_prune_structured_variance_refit_beats_magnitude(bert):
     assert refit < 0.7 * plain and best < 0.7 * plain, (plain, refit, best)
 
 
+def test_prune_structured_error_correcting_refit_beats_the_per_layer_refit(bert):
+    """Solving each layer's output weights on the pruned model's own inputs, against the unpruned model's sums,
+    first layer to last, brings the pruned embedding closer to the unpruned one than refitting each layer alone."""
+    handle, ctx = bert
+    e0 = embed(handle.torch_module, ctx.samples.validation)
+
+    def run(**options) -> tuple[float, dict]:
+        out = run_pass("prune-structured", handle, ctx, ratio=0.5, **options)
+        cos = torch.nn.functional.cosine_similarity(embed(out.torch_module, ctx.samples.validation), e0).mean()
+        return 1 - float(cos), out.history[-1]
+
+    per_layer, rec0 = run(refit_samples=0)
+    corrected, rec = run()
+    assert corrected < 0.8 * per_layer, (corrected, per_layer)
+    assert rec["error_correcting_refit"]["samples"] == 64 and "error_correcting_refit" not in rec0  # all the train data
+    assert rec["params_after"] == rec0["params_after"]
+
+
+def test_correct_layers_undoes_a_damaged_layer():
+    """A sublayer whose inputs match the unpruned model's gets its weights back from the solve (up to the ridge term),
+    so the corrected copy reproduces the original's output."""
+    from edgecomp.passes.prune_structured import correct_layers
+
+    teacher = tiny_encoder()
+    student = tiny_encoder()
+    with torch.no_grad():
+        student.bert.encoder.layer[1].output.dense.weight.add_(0.2 * torch.randn(HIDDEN, FFN))
+    arrays = {k: torch.from_numpy(v) for k, v in token_arrays(256, 3).items()}
+    args = [arrays[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
+    test = [torch.from_numpy(v) for v in token_arrays(32, 4).values()]
+    with torch.no_grad():
+        before = (student(*test) - teacher(*test)).abs().max()
+        assert correct_layers(student, teacher, [(args, arrays["attention_mask"])]) == 256
+        after = (student(*test) - teacher(*test)).abs().max()
+    assert before > 0.05 and after < 0.02 * before, (before, after)
+
+
 def test_recovery_takes_the_distillation_loss_options(bert):
     """The shrinking passes' recovery fine-tune uses the loss weights, augmentation, dropout and precision it is given."""
     handle, ctx = bert

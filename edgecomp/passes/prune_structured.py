@@ -29,6 +29,10 @@ on the kept units are re-solved so the layer reproduces its unpruned output on t
 (`refit_linear`), so the kept units absorb what the removed ones carried. MiniLM at 40 % of the neurons
 and 4 of 12 heads per layer: cosine 0.81 (magnitude) and 0.89 (variance) before any fine-tune, against 0.69
 and 0.84 without it; with 5 heads per layer (40 % rounded to the nearest head) 0.865.
+Error-correcting refit (`refit_samples`, default 4096, transformers): after the cut, those same weights are
+solved again, layer by layer from the first, on the pruned model's own inputs against the unpruned model's
+sublayer sums (`correct_layers`), so each layer also cancels the error of the layers before it: 0.863 -> 0.921
+(5 heads, 40 % of the neurons; 2048 samples 0.915, 8192 0.923) before any fine-tune.
 `ratio` is the share of each kind removed (per layer with scope="layer"; ranked over all layers
 with scope="global", scores normalised by each layer's mean), rounded to the nearest unit; every layer
 keeps at least one unit. The record's `shares_removed` gives the shares reached.
@@ -66,6 +70,7 @@ class Params(Recovery):
     score_batches: int = 8
     compensate: bool = True  # fold removed units' mean output (on training data) into the next bias
     refit: bool = True  # transformers: least-squares refit of the consumer weights on the kept units (needs compensate)
+    refit_samples: int = 4096  # transformers, with refit: training samples of the error-correcting refit after the cut (0: none)
     drop_layers: tuple[int, ...] = ()
     schedule: str = "oneshot"  # oneshot | iterative
     iterations: int = 3
@@ -78,6 +83,8 @@ class Params(Recovery):
         choice("schedule", self.schedule, ("oneshot", "iterative"))
         if self.iterations < 1:
             raise ValueError("iterations must be >= 1")
+        if self.refit_samples < 0:
+            raise ValueError("refit_samples must be >= 0")
         if self.schedule == "iterative" and self.resume:
             raise ValueError("resume continues a one-shot recovery; an iterative schedule starts over")
         for u in self.units:
@@ -118,6 +125,10 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     needs_data = params.compensate or params.importance == "variance"
     args, mask = mean_batch(model, ctx, params.seed if params.seed >= 0 else ctx.seed) if needs_data else (None, None)
     totals = unit_counts(student)
+    seed = params.seed if params.seed >= 0 else ctx.seed
+    correcting = (params.refit and params.compensate and params.refit_samples > 0 and not params.drop_layers
+                  and find_transformer(student) is not None)
+    corrected = 0
     history, training = [], []
     for k in range(1, rounds + 1):
         goal = {kind: cubic_goal(params.share(kind), k, rounds) for kind in KINDS}
@@ -126,6 +137,8 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
                      scope=params.scope, args=args, mask=mask, importance=params.importance,
                      refit=params.refit and params.compensate, totals=totals)
         merge_removed(removed, cut)
+        if correcting and (cut.get("heads_removed") or cut.get("neurons_removed")):
+            corrected = correct_layers(student, teacher, refit_batches(model, ctx, seed, params.refit_samples))
         if rounds > 1:
             history.append({"round": k, "goal": {kind: round(v, 4) for kind, v in goal.items() if v},
                             "params": stats(student)["params"]})
@@ -138,6 +151,10 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
         raise UsageError("prune-structured: nothing to prune (no attention heads, FFN neurons or prunable conv channels "
                          "at this ratio)")
     extra: dict[str, Any] = {"rounds": history} if history else {}
+    if corrected:
+        extra["error_correcting_refit"] = {"samples": corrected, "what": "each layer's attention-output and FFN-output "
+                                           "weights re-solved, first layer to last, against the unpruned model's "
+                                           "sublayer sums, given the pruned model's own inputs"}
     if training:
         extra["recovery"] = training[0] if rounds == 1 else training
     after = stats(student)
@@ -306,6 +323,129 @@ def refit_linear(linear: Any, keep: list[int], stat: tuple[Any, Any]) -> tuple[A
     w_new = torch.linalg.solve(ckk, (w @ cov[:, idx]).T).T
     b_new = linear.bias.detach().double() + w @ mean - w_new @ mean[idx]
     return w_new, b_new
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once what it needed was seen."""
+
+
+def _inputs_of(module: Any, target: Any, *args: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword inputs `target` receives when `module(*args)` runs (it stops there)."""
+    import torch
+
+    got: list[Any] = []
+
+    def hook(mod: Any, a: Any, kw: Any) -> None:
+        got.append((a, kw))
+        raise _Stop
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            module(*args)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"{type(target).__name__} was not called")
+    return got[0]
+
+
+def refit_batches(model: ModelHandle, ctx: PassContext, seed: int, n: int, size: int = 64) -> list[tuple[list[Any], Any]]:
+    """Up to n training samples (a seeded choice apart from `mean_batch`'s), sorted by length and cut into
+    batches of `size` with their padding trimmed: (positional inputs, attention mask) each."""
+    import torch
+
+    from edgecomp.passes._train_data import training_data
+    from edgecomp.passes._train_distill import trim_padding
+
+    data, _ = training_data(model, ctx)
+    data = {k: v for k, v in data.items() if k in model.input_names}
+    total = len(next(iter(data.values())))
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))[:n]
+    mask = data.get("attention_mask")
+    if mask is not None:
+        idx = idx[torch.argsort(mask[idx].sum(1), stable=True)]
+    out = []
+    for chunk in idx.split(size):
+        batch = trim_padding({k: v[chunk] for k, v in data.items()})
+        out.append(([batch[k] for k in model.input_names], batch.get("attention_mask")))
+    return out
+
+
+class _Moments:
+    """Running first and second moments of (x, y) row pairs, in float64, for a least-squares solve."""
+
+    def __init__(self) -> None:
+        self.n, self.sx, self.sy, self.sxx, self.syx = 0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, x: Any, y: Any) -> None:
+        x, y = x.double(), y.double()
+        self.n += len(x)
+        self.sx, self.sy = self.sx + x.sum(0), self.sy + y.sum(0)
+        self.sxx, self.syx = self.sxx + x.T @ x, self.syx + y.T @ x
+
+    def solve(self, lam: float = 1e-3) -> tuple[Any, Any]:
+        """W, b minimising E||W x + b - y||^2 (+ lambda * mean(diag Cov x) * ||W||^2, as `refit_linear`)."""
+        import torch
+
+        mx, my = self.sx / self.n, self.sy / self.n
+        cxx = self.sxx / self.n - torch.outer(mx, mx)
+        cyx = self.syx / self.n - torch.outer(my, mx)
+        cxx = cxx + lam * cxx.diagonal().mean() * torch.eye(len(cxx), dtype=cxx.dtype)
+        w = torch.linalg.solve(cxx, cyx.T).T
+        return w, my - w @ mx
+
+
+def correct_layers(student: Any, teacher: Any, batches: list[tuple[list[Any], Any]]) -> int:
+    """Error-correcting least-squares refit of a pruned BERT-like encoder, first layer to last.
+
+    `refit_linear` makes each layer reproduce its own unpruned output on the unpruned model's inputs, so
+    the error of every layer before it is left standing and compounds. Here each sublayer's output
+    weights (attention output, then FFN output) are solved on the pruned model's own inputs, as it is
+    after the layers before were corrected, against the unpruned model's sublayer sum at that point
+    (LayerNorm's input, dense(x) + residual): W x_s + b ~= sum_t - residual_s. So each layer also cancels,
+    as far as it is linear in its kept units, the error that reached it. MiniLM, 40 % of heads and neurons,
+    no fine-tune: validation cosine 0.863 with the per-layer refit only, 0.915 with this on 2048 samples
+    (0.884 on 512: the FFN solve has ~900 inputs, so it needs many tokens). Returns the samples used."""
+    import torch
+
+    ts, tt = find_transformer(student), find_transformer(teacher)
+    if ts is None or tt is None or len(ts.encoder.layer) != len(tt.encoder.layer) or not batches:
+        return 0
+    was = teacher.training
+    teacher.eval()
+    state = []
+    for args, mask in batches:
+        (h, *rest), kw = _inputs_of(student, ts.encoder, *args)
+        ext = kw.get("attention_mask", rest[0] if rest else None)
+        real = (mask.bool() if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool))
+        state.append({"hs": h, "ht": _inputs_of(teacher, tt.encoder, *args)[0][0], "ext": ext, "real": real})
+    try:
+        with torch.no_grad():
+            for ls, lt in zip(ts.encoder.layer, tt.encoder.layer):
+                for c in state:  # the teacher's two LayerNorm inputs in this layer, and its next hidden state
+                    sums: dict[str, Any] = {}
+                    hooks = [ln.register_forward_pre_hook(lambda m, a, k=k: sums.__setitem__(k, a[0]))
+                             for k, ln in (("attention", lt.attention.output.LayerNorm), ("ffn", lt.output.LayerNorm))]
+                    out = lt(c["ht"], c["ext"])
+                    for hk in hooks:
+                        hk.remove()
+                    c["ht"] = out[0] if isinstance(out, tuple) else out
+                    c["target"] = {k: v[c["real"]] for k, v in sums.items()}
+                for key, sub in (("attention", ls.attention.output), ("ffn", ls.output)):
+                    acc = _Moments()
+                    for c in state:
+                        (x, res), _ = _inputs_of(ls, sub, c["hs"], c["ext"])
+                        acc.add(x[c["real"]], c["target"][key] - res[c["real"]])
+                    _assign(sub.dense, *acc.solve())
+                for c in state:
+                    out = ls(c["hs"], c["ext"])
+                    c["hs"] = out[0] if isinstance(out, tuple) else out
+    finally:
+        teacher.train(was)
+    return sum(len(args[0]) for args, _ in batches)
 
 
 def mean_batch(model: ModelHandle, ctx: PassContext, seed: int, n: int = 256) -> tuple[list[Any], Any]:
