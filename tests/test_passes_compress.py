@@ -429,7 +429,7 @@ def test_prune_structured_error_correcting_refit_beats_the_per_layer_refit(bert)
 def test_correct_layers_undoes_a_damaged_layer():
     """A sublayer whose inputs match the unpruned model's gets its weights back from the solve (up to the ridge term),
     so the corrected copy reproduces the original's output."""
-    from edgecomp.passes.prune_structured import correct_layers
+    from edgecomp.passes._refit import correct_layers
 
     teacher = tiny_encoder()
     student = tiny_encoder()

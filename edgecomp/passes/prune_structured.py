@@ -51,6 +51,7 @@ from typing import Any
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 from edgecomp.passes import choice
+from edgecomp.passes._refit import assign, correct_layers, refit_batches
 from edgecomp.passes._torch_util import (Clock, Recovery, clone, conv_chains, cubic_goal, find_transformer, linear_conv_macs,
                                          record, stats, torch_module)
 from edgecomp.passes.context import PassContext
@@ -325,129 +326,6 @@ def refit_linear(linear: Any, keep: list[int], stat: tuple[Any, Any]) -> tuple[A
     return w_new, b_new
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward once what it needed was seen."""
-
-
-def _inputs_of(module: Any, target: Any, *args: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The positional and keyword inputs `target` receives when `module(*args)` runs (it stops there)."""
-    import torch
-
-    got: list[Any] = []
-
-    def hook(mod: Any, a: Any, kw: Any) -> None:
-        got.append((a, kw))
-        raise _Stop
-
-    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            module(*args)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not got:
-        raise RuntimeError(f"{type(target).__name__} was not called")
-    return got[0]
-
-
-def refit_batches(model: ModelHandle, ctx: PassContext, seed: int, n: int, size: int = 64) -> list[tuple[list[Any], Any]]:
-    """Up to n training samples (a seeded choice apart from `mean_batch`'s), sorted by length and cut into
-    batches of `size` with their padding trimmed: (positional inputs, attention mask) each."""
-    import torch
-
-    from edgecomp.passes._train_data import training_data
-    from edgecomp.passes._train_distill import trim_padding
-
-    data, _ = training_data(model, ctx)
-    data = {k: v for k, v in data.items() if k in model.input_names}
-    total = len(next(iter(data.values())))
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))[:n]
-    mask = data.get("attention_mask")
-    if mask is not None:
-        idx = idx[torch.argsort(mask[idx].sum(1), stable=True)]
-    out = []
-    for chunk in idx.split(size):
-        batch = trim_padding({k: v[chunk] for k, v in data.items()})
-        out.append(([batch[k] for k in model.input_names], batch.get("attention_mask")))
-    return out
-
-
-class _Moments:
-    """Running first and second moments of (x, y) row pairs, in float64, for a least-squares solve."""
-
-    def __init__(self) -> None:
-        self.n, self.sx, self.sy, self.sxx, self.syx = 0, 0.0, 0.0, 0.0, 0.0
-
-    def add(self, x: Any, y: Any) -> None:
-        x, y = x.double(), y.double()
-        self.n += len(x)
-        self.sx, self.sy = self.sx + x.sum(0), self.sy + y.sum(0)
-        self.sxx, self.syx = self.sxx + x.T @ x, self.syx + y.T @ x
-
-    def solve(self, lam: float = 1e-3) -> tuple[Any, Any]:
-        """W, b minimising E||W x + b - y||^2 (+ lambda * mean(diag Cov x) * ||W||^2, as `refit_linear`)."""
-        import torch
-
-        mx, my = self.sx / self.n, self.sy / self.n
-        cxx = self.sxx / self.n - torch.outer(mx, mx)
-        cyx = self.syx / self.n - torch.outer(my, mx)
-        cxx = cxx + lam * cxx.diagonal().mean() * torch.eye(len(cxx), dtype=cxx.dtype)
-        w = torch.linalg.solve(cxx, cyx.T).T
-        return w, my - w @ mx
-
-
-def correct_layers(student: Any, teacher: Any, batches: list[tuple[list[Any], Any]]) -> int:
-    """Error-correcting least-squares refit of a pruned BERT-like encoder, first layer to last.
-
-    `refit_linear` makes each layer reproduce its own unpruned output on the unpruned model's inputs, so
-    the error of every layer before it is left standing and compounds. Here each sublayer's output
-    weights (attention output, then FFN output) are solved on the pruned model's own inputs, as it is
-    after the layers before were corrected, against the unpruned model's sublayer sum at that point
-    (LayerNorm's input, dense(x) + residual): W x_s + b ~= sum_t - residual_s. So each layer also cancels,
-    as far as it is linear in its kept units, the error that reached it. MiniLM, 40 % of heads and neurons,
-    no fine-tune: validation cosine 0.863 with the per-layer refit only, 0.915 with this on 2048 samples
-    (0.884 on 512: the FFN solve has ~900 inputs, so it needs many tokens). Returns the samples used."""
-    import torch
-
-    ts, tt = find_transformer(student), find_transformer(teacher)
-    if ts is None or tt is None or len(ts.encoder.layer) != len(tt.encoder.layer) or not batches:
-        return 0
-    was = teacher.training
-    teacher.eval()
-    state = []
-    for args, mask in batches:
-        (h, *rest), kw = _inputs_of(student, ts.encoder, *args)
-        ext = kw.get("attention_mask", rest[0] if rest else None)
-        real = (mask.bool() if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool))
-        state.append({"hs": h, "ht": _inputs_of(teacher, tt.encoder, *args)[0][0], "ext": ext, "real": real})
-    try:
-        with torch.no_grad():
-            for ls, lt in zip(ts.encoder.layer, tt.encoder.layer):
-                for c in state:  # the teacher's two LayerNorm inputs in this layer, and its next hidden state
-                    sums: dict[str, Any] = {}
-                    hooks = [ln.register_forward_pre_hook(lambda m, a, k=k: sums.__setitem__(k, a[0]))
-                             for k, ln in (("attention", lt.attention.output.LayerNorm), ("ffn", lt.output.LayerNorm))]
-                    out = lt(c["ht"], c["ext"])
-                    for hk in hooks:
-                        hk.remove()
-                    c["ht"] = out[0] if isinstance(out, tuple) else out
-                    c["target"] = {k: v[c["real"]] for k, v in sums.items()}
-                for key, sub in (("attention", ls.attention.output), ("ffn", ls.output)):
-                    acc = _Moments()
-                    for c in state:
-                        (x, res), _ = _inputs_of(ls, sub, c["hs"], c["ext"])
-                        acc.add(x[c["real"]], c["target"][key] - res[c["real"]])
-                    _assign(sub.dense, *acc.solve())
-                for c in state:
-                    out = ls(c["hs"], c["ext"])
-                    c["hs"] = out[0] if isinstance(out, tuple) else out
-    finally:
-        teacher.train(was)
-    return sum(len(args[0]) for args, _ in batches)
-
-
 def mean_batch(model: ModelHandle, ctx: PassContext, seed: int, n: int = 256) -> tuple[list[Any], Any]:
     """Up to n training samples (seeded choice, padding trimmed), as the model's positional inputs, and
     their attention mask (None when the model has none)."""
@@ -523,7 +401,7 @@ def prune_heads(tr: Any, index: int, layer: Any, heads: list[int], stat: tuple[A
     original = [current[h] for h in heads]
     att.prune_heads(original)
     if solved is not None:
-        _assign(att.output.dense, *solved)
+        assign(att.output.dense, *solved)
     pruned = getattr(tr.config, "pruned_heads", None) or {}
     pruned[index] = sorted(set(pruned.get(index, [])) | set(original))
     tr.config.pruned_heads = pruned
@@ -532,21 +410,13 @@ def prune_heads(tr: Any, index: int, layer: Any, heads: list[int], stat: tuple[A
 
 def _compensate(linear: Any, removed: list[int], stat: tuple[Any, Any] | None, refit: bool) -> tuple[Any, Any] | None:
     """Before `removed` inputs of `linear` are cut: fold their mean into its bias, or, with `refit` (and a
-    covariance), solve its weights on the kept inputs; returns that (weight, bias) to `_assign` after the cut."""
+    covariance), solve its weights on the kept inputs; returns that (weight, bias) to `assign` after the cut."""
     if stat is None or not removed:
         return None
     if refit and stat[1] is not None:
         return refit_linear(linear, [c for c in range(linear.in_features) if c not in set(removed)], stat)
     _fold(linear, removed, stat[0])
     return None
-
-
-def _assign(linear: Any, weight: Any, bias: Any) -> None:
-    import torch
-
-    with torch.no_grad():
-        linear.weight.copy_(weight.to(linear.weight.dtype))
-        linear.bias.copy_(bias.to(linear.bias.dtype))
 
 
 def _fold(linear: Any, cols: list[int], mean: Any) -> None:
@@ -567,7 +437,7 @@ def prune_neurons(layer: Any, drop: list[int], stat: tuple[Any, Any] | None = No
     layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, idx, dim=0)
     layer.output.dense = prune_linear_layer(layer.output.dense, idx, dim=1)
     if solved is not None:
-        _assign(layer.output.dense, *solved)
+        assign(layer.output.dense, *solved)
 
 
 def taylor_scores(module: Any, model: ModelHandle, ctx: PassContext, p: Params) -> dict[str, dict[Any, Any]]:
