@@ -32,7 +32,8 @@ and 0.84 without it; with 5 heads per layer (40 % rounded to the nearest head) 0
 Error-correcting refit (`refit_samples`, default 4096, transformers): after the cut, those same weights are
 solved again, layer by layer from the first, on the pruned model's own inputs against the unpruned model's
 sublayer sums (`correct_layers`), so each layer also cancels the error of the layers before it: 0.863 -> 0.921
-(5 heads, 40 % of the neurons; 2048 samples 0.915, 8192 0.923) before any fine-tune.
+(5 heads, 40 % of the neurons; 2048 samples 0.915, 8192 0.923) before any fine-tune, 0.949 -> 0.954 after
+1000 recovery steps; after 20000 steps both give 0.975: it shortens a short recovery, not a long one.
 `ratio` is the share of each kind removed (per layer with scope="layer"; ranked over all layers
 with scope="global", scores normalised by each layer's mean), rounded to the nearest unit; every layer
 keeps at least one unit. The record's `shares_removed` gives the shares reached.
@@ -124,9 +125,9 @@ def run(model: ModelHandle, params: Params, ctx: PassContext) -> ModelHandle:
     if rounds > 1 and not params.tunes:
         raise UsageError("prune-structured: iterative pruning recovers between cuts: give recover_epochs or recover_steps")
     needs_data = params.compensate or params.importance == "variance"
-    args, mask = mean_batch(model, ctx, params.seed if params.seed >= 0 else ctx.seed) if needs_data else (None, None)
-    totals = unit_counts(student)
     seed = params.seed if params.seed >= 0 else ctx.seed
+    args, mask = mean_batch(model, ctx, seed) if needs_data else (None, None)
+    totals = unit_counts(student)
     correcting = (params.refit and params.compensate and params.refit_samples > 0 and not params.drop_layers
                   and find_transformer(student) is not None)
     corrected = 0
