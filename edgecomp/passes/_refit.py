@@ -49,23 +49,33 @@ def inputs_of(module: Any, target: Any, *args: Any) -> tuple[tuple[Any, ...], di
     return got[0]
 
 
-def refit_batches(model: ModelHandle, ctx: PassContext, seed: int, n: int, size: int = 64) -> list[tuple[list[Any], Any]]:
-    """Up to n training samples (seeded), sorted by length and cut into batches of `size` with their padding
-    trimmed: (positional inputs, attention mask) each."""
+def train_sample(model: ModelHandle, ctx: PassContext, seed: int, n: int) -> dict[str, Any]:
+    """Up to n training samples (a seeded choice), the model's inputs only, as tensors keyed by input name."""
     import torch
 
     from edgecomp.passes._train_data import training_data
-    from edgecomp.passes._train_distill import trim_padding
 
     data, _ = training_data(model, ctx)
     data = {k: v for k, v in data.items() if k in model.input_names}
     total = len(next(iter(data.values())))
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))[:n]
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    return {k: v[idx] for k, v in data.items()}
+
+
+def refit_batches(model: ModelHandle, ctx: PassContext, seed: int, n: int, size: int = 64) -> list[tuple[list[Any], Any]]:
+    """Up to n training samples (seeded, apart from prune-structured's `mean_batch`), sorted by length and cut into
+    batches of `size` with their padding trimmed: (positional inputs, attention mask) each."""
+    import torch
+
+    from edgecomp.passes._train_distill import trim_padding
+
+    data = train_sample(model, ctx, seed + 1, n)
+    order = torch.arange(len(next(iter(data.values()))))
     mask = data.get("attention_mask")
     if mask is not None:
-        idx = idx[torch.argsort(mask[idx].sum(1), stable=True)]
+        order = torch.argsort(mask.sum(1), stable=True)
     out = []
-    for chunk in idx.split(size):
+    for chunk in order.split(size):
         batch = trim_padding({k: v[chunk] for k, v in data.items()})
         out.append(([batch[k] for k in model.input_names], batch.get("attention_mask")))
     return out

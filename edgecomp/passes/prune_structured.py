@@ -52,7 +52,7 @@ from typing import Any
 from edgecomp.errors import UsageError
 from edgecomp.model import ModelHandle
 from edgecomp.passes import choice
-from edgecomp.passes._refit import assign, correct_layers, refit_batches
+from edgecomp.passes._refit import assign, correct_layers, refit_batches, train_sample
 from edgecomp.passes._torch_util import (Clock, Recovery, clone, conv_chains, cubic_goal, find_transformer, linear_conv_macs,
                                          record, stats, torch_module)
 from edgecomp.passes.context import PassContext
@@ -330,15 +330,9 @@ def refit_linear(linear: Any, keep: list[int], stat: tuple[Any, Any]) -> tuple[A
 def mean_batch(model: ModelHandle, ctx: PassContext, seed: int, n: int = 256) -> tuple[list[Any], Any]:
     """Up to n training samples (seeded choice, padding trimmed), as the model's positional inputs, and
     their attention mask (None when the model has none)."""
-    import torch
-
-    from edgecomp.passes._train_data import training_data
     from edgecomp.passes._train_distill import trim_padding
 
-    data, _ = training_data(model, ctx)
-    total = len(next(iter(data.values())))
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-    batch = trim_padding({k: v[idx] for k, v in data.items()})
+    batch = trim_padding(train_sample(model, ctx, seed, n))
     return [batch[k] for k in model.input_names], batch.get("attention_mask")
 
 
