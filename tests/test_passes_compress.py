@@ -213,6 +213,26 @@ def test_distill_teacher_cache_matches_the_teacher_on_mixed_batches():
     d.close()
 
 
+def test_each_rank_owns_a_fixed_shard_in_a_new_order_every_epoch():
+    """Ranks split the samples once (so each rank's teacher cache covers its shard after one epoch), all
+    take the same number of steps, and one process keeps DistributedSampler's order (runs unchanged)."""
+    from torch.utils.data import DistributedSampler
+
+    from edgecomp.passes._train import _epoch_order, _shard
+
+    n = 11
+    shards = [_shard(n, r, 2) for r in range(2)]
+    assert [len(s) for s in shards] == [6, 6] and set(shards[0]) | set(shards[1]) == set(range(n))
+    assert not set(shards[0]) & set(shards[1][:5])  # only the padding repeats a sample
+    for r in range(2):
+        orders = [_epoch_order(shards[r], 7 + e) for e in range(3)]
+        assert all(sorted(o) == sorted(shards[r]) for o in orders) and orders[0] != orders[1]
+    one = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=7)
+    for e in range(3):
+        one.set_epoch(e)
+        assert _epoch_order(_shard(n, 0, 1), 7 + e) == list(one)
+
+
 def test_distill_bf16_trains_the_student_against_fp32_targets(bert):
     """precision=bf16: the student's forward runs under bf16 autocast, but the teacher's targets and the
     loss stay fp32 (the same targets as outside autocast), and the student still learns."""

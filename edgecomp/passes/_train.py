@@ -1,9 +1,12 @@
 """The one training loop every torch pass uses (distillation, pruning recovery, sharing recovery).
 
 It runs unchanged in one process (a build) and under `torchrun --nproc_per_node N` (each rank
-one process, gloo on CPU): with several ranks the model is wrapped in DistributedDataParallel,
-gradients are averaged, and a DistributedSampler gives each rank its share of every epoch.
-A single process uses the same sampler with one replica, so the data order is the same code path.
+one process, gloo on CPU): with several ranks the model is wrapped in DistributedDataParallel and
+gradients are averaged. Rank r owns the same samples every epoch (r, r + N, r + 2N, ...; the last
+ones repeated so every rank has as many), in a new seeded order each epoch: a rank's teacher cache
+(the distiller's) then serves its whole shard from the second epoch on, where a sampler that
+reshuffles samples across ranks (DistributedSampler) leaves half of each epoch uncached. One
+process is the case N = 1: its order is the seeded permutation of all samples.
 
 Determinism and resume: the order of epoch e is a seeded permutation (seed + e); the global
 `batch_size` is split over ranks; a checkpoint holds the trainable weights, optimizer, schedule,
@@ -109,7 +112,6 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
 
     import torch
     import torch.distributed as dist
-    from torch.utils.data import DistributedSampler
 
     t0, c0 = time.perf_counter(), time.process_time()
     rank, size = world()
@@ -118,8 +120,8 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
         raise UsageError(f"{label}: no training data")
     per_rank = max(1, cfg.batch_size // size)
     torch.manual_seed(cfg.seed + rank)
-    sampler = DistributedSampler(range(n), num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
-    per_epoch = math.ceil(len(sampler) / per_rank)
+    shard = _shard(n, rank, size)
+    per_epoch = math.ceil(len(shard) / per_rank)
     total = cfg.steps if cfg.steps > 0 else cfg.epochs * per_epoch
     epochs = math.ceil(total / per_epoch)
 
@@ -156,8 +158,7 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
     parts_n = 0
     try:
         for epoch in range(step // per_epoch, epochs):
-            sampler.set_epoch(epoch)
-            batches = _batches(list(sampler), lengths, per_rank, cfg.seed + epoch)
+            batches = _batches(_epoch_order(shard, cfg.seed + epoch), lengths, per_rank, cfg.seed + epoch)
             parts_sum, parts_n = {}, 0
             for b in range(per_epoch):
                 if epoch * per_epoch + b < step:
@@ -203,6 +204,24 @@ def train(model: Any, data: dict[str, Any], cfg: TrainConfig, *,
     result.seconds = round(result.seconds + time.perf_counter() - t0, 3)
     result.cpu_seconds = round(result.cpu_seconds + time.process_time() - c0, 3)
     return result
+
+
+def _shard(n: int, rank: int, size: int) -> list[int]:
+    """The samples rank `rank` of `size` owns every epoch: every size-th one from `rank`, padded with the
+    shard's first samples to ceil(n / size), so all ranks take the same number of steps."""
+    shard = list(range(rank, n, size))
+    want = -(-n // size)
+    return shard + shard[:want - len(shard)]
+
+
+def _epoch_order(shard: list[int], seed: int) -> list[int]:
+    """The shard in epoch order: a permutation seeded by seed + epoch (for one rank, the order
+    DistributedSampler(shuffle=True) gives, so single-process runs are unchanged)."""
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return [shard[i] for i in torch.randperm(len(shard), generator=g).tolist()]
 
 
 def _batches(order: list[int], lengths: Any, batch: int, seed: int) -> list[list[int]]:
