@@ -192,6 +192,9 @@ def test_distill_teacher_cache_matches_the_teacher_on_mixed_batches():
     assert {h.dtype for h in d.cache[0][1] if h is not None} == {torch.float16}
     mixed = {k: v[[5, 0, 2, 7]] for k, v in data.items()} | {"_idx": torch.tensor([5, -1, 2, -1])}
     got_out, got_hid, got_att = d.teach(mixed, [mixed[n] for n in names], mixed["attention_mask"])
+    assert {h.dtype for h in got_hid if h is not None} == {torch.float16}
+    got_hid = [None if h is None else h.float() for h in got_hid]
+    got_att = [None if a is None else a.float() for a in got_att]
     want_out, want_hid, want_att = d.run_teacher([mixed[n] for n in names])
     fp32_hid = want_hid
     want_hid = [None if h is None else h.half().float() for h in want_hid]

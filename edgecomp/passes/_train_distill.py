@@ -164,6 +164,7 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
             mask = batch.get("attention_mask")
             with torch.autocast("cpu", enabled=False):  # fp32 targets, whatever the student runs in
                 t_out, t_hid, t_att = self.teach(batch, args, mask)
+                t_hid, t_att = [_fp32(h) for h in t_hid], [_fp32(a) for a in t_att]
             p = self.forcing_probability() if self.training else 0.0
             self.forced = {i: t_hid[j + 1] for i, j in enumerate(self.layer_map[:-1], start=1)
                            if p > 0 and float(torch.rand(())) < p}
@@ -209,11 +210,11 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
             frozen and deterministic, so each sample's are computed once and cached by the sample's
             `_idx`, cut to its real length. The teacher runs only on the rows not cached yet (the first
             epoch's, and augmented rows, which are new text every time): with augmentation nearly every
-            batch holds such rows, and the rest still come from the cache."""
+            batch holds such rows, and the rest still come from the cache. States come back in fp16
+            (`_targets`)."""
             idx = batch.get("_idx")
             if idx is None:
-                out, hid, att = _targets(*self.run_teacher(args))
-                return out, [_fp32(h) for h in hid], [_fp32(a) for a in att]
+                return _targets(*self.run_teacher(args))
             keys = idx.tolist()
             miss = [b for b, i in enumerate(keys) if i < 0 or i not in self.cache]
             fresh: dict[int, tuple[Any, list[Any], list[Any]]] = {}
@@ -230,13 +231,13 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
                         self.cache_bytes += sum(t.numel() * t.element_size() for t in [row[0], *row[1], *row[2]]
                                                 if t is not None)
                 if len(miss) == len(keys):
-                    return t_out, [_fp32(h) for h in t_hid], [_fp32(a) for a in t_att]
+                    return t_out, t_hid, t_att
             rows = [fresh[b] if b in fresh else self.cache[i] for b, i in enumerate(keys)]
             seq = mask.shape[1] if mask is not None else None
             t_out = torch.stack([r[0] for r in rows])
-            t_hid = [None if rows[0][1][k] is None else torch.stack([_pad(r[1][k], seq, (0,)) for r in rows]).float()
+            t_hid = [None if rows[0][1][k] is None else torch.stack([_pad(r[1][k], seq, (0,)) for r in rows])
                      for k in range(len(rows[0][1]))]
-            t_att = [None if rows[0][2][k] is None else torch.stack([_pad(r[2][k], seq, (1, 2)) for r in rows]).float()
+            t_att = [None if rows[0][2][k] is None else torch.stack([_pad(r[2][k], seq, (1, 2)) for r in rows])
                      for k in range(len(rows[0][2]))]
             return t_out, t_hid, t_att
 
@@ -263,9 +264,9 @@ def make_distiller(student: Any, teacher: Any, input_names: list[str], weights: 
 def _targets(out: Any, hid: list[Any], att: list[Any]) -> tuple[Any, list[Any], list[Any]]:
     """The teacher's hidden states and attention maps as the cache keeps them: fp16 (a relative error of
     5e-4, far below any student's), so twice as many samples fit: MiniLM's 57k training sentences carry
-    9.4 GB of fp32 states for a pruned 6-layer student, more than the cache may hold. Fresh rows are rounded the same way, so a target does not
-    depend on whether it came from the cache, and a resumed run matches an uninterrupted one. A state
-    outside fp16's range stays fp32."""
+    9.4 GB of fp32 states for a pruned 6-layer student, more than the cache may hold. Fresh rows are
+    rounded the same way, so a target does not depend on whether it came from the cache, and a resumed
+    run matches an uninterrupted one. A state outside fp16's range stays fp32; the loss takes fp32."""
     import torch
 
     def half(x: Any) -> Any:
