@@ -51,8 +51,9 @@ DEFAULT_OPTIONS = "ratio=0.4,lr=5e-4,embed_cos=10,hidden=20,relation=20,augment=
 
 
 def main() -> int:
-    args, out = parse(parser(__doc__, "prune-minilm", 10000, "recovery steps (2 cores, bf16: 0.23 s each in the first epoch, 0.18 s once the teacher cache is full)",
-                             DEFAULT_OPTIONS, "prune-structured"))
+    args, out = parse(parser(__doc__, "prune-minilm", 10000,
+                             "recovery steps (2 cores, bf16: 0.23 s each in the first epoch, 0.18 s once the teacher "
+                             "cache is full)", DEFAULT_OPTIONS, "prune-structured"))
     options = f"{args.options},recover_steps={args.steps}"
     cli = [sys.executable, "-m", "edgecomp"]
     pruned, teacher = out / "pruned", out / "teacher"
